@@ -7,6 +7,8 @@ PIP := $(PY) -m pip
 # already importable in the venv (e.g. a CUDA build on a GPU machine) is kept as it is.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
+BENCH_JSON := benchmarks/results/latest.json
 
 .PHONY: test install venv build bench demo clean
 
@@ -28,6 +30,14 @@ build: $(PY)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Every pytest-benchmark suite in benchmarks/ on whatever device is present, then the report
+# (benchmarks/REPORT.md + a speedup chart). BENCH_FULL=1 adds the large sizes.
+bench: install
+	mkdir -p benchmarks/results
+	$(PY) -m pytest benchmarks -o python_files='bench_*.py' -p no:cacheprovider \
+		--benchmark-json=$(BENCH_JSON) $(BENCH_ARGS)
+	$(PY) benchmarks/report.py $(BENCH_JSON) --out benchmarks/REPORT.md
 
 clean:
 	rm -rf build *.egg-info mtbert/*.so .pytest_cache
