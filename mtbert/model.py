@@ -7,6 +7,7 @@ embeddings (word + position + token type, LayerNorm, dropout)
   -> tanh pooler on [CLS]
 """
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -40,6 +41,13 @@ class BertModelOutput(dict):
         return tuple(self.values())
 
 
+class PackedSequences(NamedTuple):
+    """Where each sequence lies in a packed [T, H] batch of real tokens (the unpadded path)."""
+
+    cu_seqlens: torch.Tensor  # [B + 1] int32 token offsets
+    max_seqlen: int
+
+
 class BertEmbeddings(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -49,9 +57,9 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids, token_type_ids):
-        L = input_ids.shape[-1]
-        positions = torch.arange(L, device=input_ids.device)
+    def forward(self, input_ids, token_type_ids, position_ids=None):
+        """input_ids, token_type_ids: [B, L] with positions 0…L-1, or packed [T] with position_ids [T]."""
+        positions = torch.arange(input_ids.shape[-1], device=input_ids.device) if position_ids is None else position_ids
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
         x = kernels.add_layer_norm(x, self.position_embeddings(positions), self.LayerNorm.weight,
                                    self.LayerNorm.bias, self.LayerNorm.eps)
@@ -69,7 +77,10 @@ class BertSelfAttention(nn.Module):
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
     def forward(self, x, mask_bias):
-        """x: [B, L, H]; mask_bias: [B, 1, 1, L] additive (0 to attend, a large negative to skip)."""
+        """x: [B, L, H]; mask_bias: [B, 1, 1, L] additive (0 to attend, a large negative to skip).
+        Or, on the unpadded path, x: [T, H] packed tokens and mask_bias a PackedSequences."""
+        if isinstance(mask_bias, PackedSequences):
+            return self._forward_packed(x, mask_bias)
         B, L, H = x.shape
 
         def heads(t):
@@ -80,6 +91,15 @@ class BertSelfAttention(nn.Module):
         probs = self.dropout(torch.softmax(scores + mask_bias, dim=-1))
         context = torch.matmul(probs, v)  # (B, heads, L, head_dim)
         return context.transpose(1, 2).reshape(B, L, H)
+
+    def _forward_packed(self, x, packed: PackedSequences):
+        T, H = x.shape
+        q, k, v = (proj(x).view(T, self.num_heads, self.head_dim) for proj in (self.query, self.key, self.value))
+        context = kernels.varlen_attention(
+            q, k, v, packed.cu_seqlens, packed.max_seqlen,
+            dropout_p=self.dropout.p if self.training else 0.0, softmax_scale=1.0 / math.sqrt(self.head_dim),
+        )  # (T, heads, head_dim)
+        return context.reshape(T, H)
 
 
 class BertSelfOutput(nn.Module):
@@ -168,6 +188,9 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config)
+        # Run right-padded batches on their real tokens only (see forward); False forces the
+        # padded path, the reference. Not a config field: it changes speed, not the model.
+        self.unpad = True
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -245,6 +268,9 @@ class BertModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
+        lengths = _right_padded_lengths(attention_mask) if self.unpad else None
+        if lengths is not None:
+            return self._forward_unpadded(input_ids, token_type_ids, lengths)
         x = self.embeddings(input_ids, token_type_ids)
         # Additive mask as in Hugging Face: the dtype's most negative finite value, not -inf, so a
         # row whose mask is all zero softmaxes to a uniform distribution instead of NaN.
@@ -253,6 +279,29 @@ class BertModel(nn.Module):
         mask_bias.masked_fill_(~keep, torch.finfo(x.dtype).min)
         hidden = self.encoder(x, mask_bias)
         return BertModelOutput(last_hidden_state=hidden, pooler_output=self.pooler(hidden))
+
+    def _forward_unpadded(self, input_ids, token_type_ids, lengths):
+        """Gathers the real tokens once into [T, H], runs every layer on them (only attention
+        needs the sequence boundaries) and scatters back once. Padding positions of
+        ``last_hidden_state`` are zero; real positions equal the padded path's."""
+        B, L = input_ids.shape
+        tokens = (torch.arange(L, device=input_ids.device) < lengths[:, None]).reshape(-1).nonzero().squeeze(1)  # (T,)
+        packed = PackedSequences(F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)), int(lengths.max()))
+        x = self.embeddings(input_ids.reshape(-1)[tokens], token_type_ids.reshape(-1)[tokens], tokens % L)  # (T, H)
+        x = self.encoder(x, packed)
+        hidden = x.new_zeros(B * L, x.shape[-1]).index_copy(0, tokens, x).view(B, L, -1)  # (B, L, H)
+        return BertModelOutput(last_hidden_state=hidden, pooler_output=self.pooler(hidden))
+
+
+def _right_padded_lengths(attention_mask):
+    """The lengths [B] when every row of the mask is ones then zeros and has at least one token;
+    None otherwise (left padding, holes, empty rows: those take the padded path)."""
+    keep = attention_mask.to(torch.bool)
+    lengths = keep.sum(1)
+    right_padded = torch.arange(keep.shape[1], device=keep.device) < lengths[:, None]
+    if not torch.equal(keep, right_padded) or not bool(lengths.min() > 0):
+        return None
+    return lengths
 
 
 def _describe(value):

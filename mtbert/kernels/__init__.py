@@ -1,17 +1,67 @@
 """The single dispatch point of the encoder's hot ops.
 
-Model code calls only the functions below; which implementation runs (Triton on CUDA, the
-PyTorch reference on the CPU) is decided here and nowhere else.
+Model code calls only the functions below; which implementation runs is decided here and nowhere
+else: the Triton kernels on CUDA tensors when Triton is installed, the PyTorch path otherwise.
+The environment variable ``MTBERT_KERNELS`` (read at each call) forces one: ``torch`` always runs
+PyTorch; ``triton`` always runs Triton, which on CPU tensors needs ``TRITON_INTERPRET=1`` set
+before mtbert is imported (Triton's interpreter, how the tests run the kernels without a GPU).
+Triton itself is optional: without it everything runs in PyTorch.
 """
-from .bias_gelu import bias_gelu_reference
-from .layer_norm import add_layer_norm_reference
+import os
+
+from . import attention as _attention
+from . import bias_gelu as _bias_gelu
+from . import layer_norm as _layer_norm
+from ._triton import can_launch, triton_available
+
+__all__ = ["add_layer_norm", "bias_gelu", "varlen_attention", "padded_attention", "use_triton", "triton_available"]
+
+_CHOICES = ("torch", "triton", "auto")
+
+
+def use_triton(tensor) -> bool:
+    """Whether the ops run their Triton kernels for ``tensor`` (see the module docstring)."""
+    choice = os.environ.get("MTBERT_KERNELS", "auto").lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"MTBERT_KERNELS must be one of {_CHOICES}, got {choice!r}")
+    if choice == "torch":
+        return False
+    if choice == "triton":
+        return True  # the op raises a clear error if the kernel cannot run here
+    return tensor.is_cuda and can_launch(tensor)
 
 
 def add_layer_norm(x, residual, weight, bias, eps):
-    """y = LayerNorm(x + residual) over the last dimension; residual may be None."""
-    return add_layer_norm_reference(x, residual, weight, bias, eps)
+    """y = LayerNorm(x + residual) over the last dimension; residual may be None. x: [..., N];
+    residual: broadcastable to x; weight, bias: [N]."""
+    if use_triton(x):
+        if residual is not None:  # the kernel reads both as [M, N] rows of one dtype
+            residual = residual.to(x.dtype).expand_as(x).contiguous()
+        return _layer_norm.add_layer_norm_triton(x.contiguous(), residual, weight, bias, eps)
+    return _layer_norm.add_layer_norm_reference(x, residual, weight, bias, eps)
 
 
 def bias_gelu(x, bias):
-    """y = GELU(x + bias), the exact erf GELU."""
-    return bias_gelu_reference(x, bias)
+    """y = GELU(x + bias), the exact erf GELU. x: [..., N]; bias: [N]."""
+    if use_triton(x):
+        return _bias_gelu.bias_gelu_triton(x.contiguous(), bias)
+    return _bias_gelu.bias_gelu_reference(x, bias)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None):
+    """Self-attention within each of B packed sequences. q, k, v: [T, heads, head_dim];
+    cu_seqlens: [B + 1] int32 token offsets; max_seqlen: an int >= every length. Dropout with
+    probability ``dropout_p`` applies to the attention probabilities (pass 0 in eval mode).
+    Returns [T, heads, head_dim]."""
+    if use_triton(q):
+        return _attention.varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+    return _attention.varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+
+
+def padded_attention(q, k, v, key_lengths, dropout_p=0.0, softmax_scale=None):
+    """Attention over right-padded sequences. q, k, v: [B, L, heads, head_dim]; key_lengths: [B]
+    int32, keys at positions >= key_lengths[b] are ignored (every query row is computed; a row
+    with no keys gives zeros). Returns [B, L, heads, head_dim]."""
+    if use_triton(q):
+        return _attention.padded_attention_triton(q, k, v, key_lengths, dropout_p, softmax_scale)
+    return _attention.padded_attention_torch(q, k, v, key_lengths, dropout_p, softmax_scale)
