@@ -1,21 +1,29 @@
-// gradient_gram(grads[K, P] float32) -> G[K, K] float64, G[i][j] = <g_i, g_j>.
-// The first of the two passes of flattened gradient surgery (PCGrad and friends): every
-// combined gradient is a linear combination of the rows, so the K x K Gram matrix is all the
-// projections need. Products are accumulated in float64 so that nearly orthogonal or nearly
-// opposite gradients keep their sign.
+// gradient_gram(grads[K, P] float32, boundaries[C + 1]) -> G[C, K, K] float64,
+// G[c, i, j] = sum over the columns p of segment c (boundaries[c] <= p < boundaries[c + 1]) of
+// grads[i, p] * grads[j, p].
+//
+// The first of the two passes of flattened gradient surgery (PCGrad and friends): every combined
+// gradient is a linear combination of the task rows, so the K x K Gram matrix of each segment
+// (e.g. the shared encoder, then each task's head) is all the projections need. Products are
+// accumulated in float64 so that nearly orthogonal or nearly opposite gradients keep their sign.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <vector>
 
+#include "flat_buffer.h"
+
 namespace mtbert {
 
 namespace {
 
-constexpr int64_t kChunk = 1 << 14;  // columns per task: big enough to amortise, small enough for L1/L2
+// Columns per piece: K rows of it (3 x 8 KiB at K = 3) stay in L1 while the K (K + 1) / 2 dot
+// products re-read them, so memory is read once.
+constexpr int64_t kGramPiece = 2048;
 
-void gram_chunk(const float* g, int64_t K, int64_t P, int64_t begin, int64_t end, double* acc) {
+MTBERT_VECTOR_CLONES
+void gram_piece(const float* g, int64_t K, int64_t P, int64_t begin, int64_t end, double* acc) {
   for (int64_t i = 0; i < K; ++i) {
     const float* gi = g + i * P;
     for (int64_t j = i; j < K; ++j) {
@@ -23,39 +31,48 @@ void gram_chunk(const float* g, int64_t K, int64_t P, int64_t begin, int64_t end
       double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t p = begin; p < end; ++p) sum += static_cast<double>(gi[p]) * static_cast<double>(gj[p]);
-      acc[i * K + j] += sum;
+      acc[i * K + j] = sum;
     }
   }
 }
 
 }  // namespace
 
-at::Tensor gradient_gram_cpu(const at::Tensor& grads) {
-  TORCH_CHECK(grads.dim() == 2, "grads must be 2-D [K, P], got ", grads.dim(), " dimensions");
-  TORCH_CHECK(grads.scalar_type() == at::kFloat, "grads must be float32, got ", grads.scalar_type());
-  TORCH_CHECK(grads.device().is_cpu(), "grads must be a CPU tensor, got ", grads.device());
-  TORCH_CHECK(grads.is_contiguous(), "grads must be contiguous");
-  const int64_t K = grads.size(0), P = grads.size(1);
+void check_gram_args(const at::Tensor& grads, c10::IntArrayRef boundaries) {
+  check_float_buffer(grads, "grads", 2);
+  check_boundaries(boundaries, grads.size(1), "boundaries");
+}
+
+at::Tensor gradient_gram_cpu(const at::Tensor& grads, c10::IntArrayRef boundaries) {
+  check_gram_args(grads, boundaries);
+  TORCH_CHECK(grads.device().is_cpu(), "grads must be a CPU tensor here, got ", grads.device());
+  const int64_t K = grads.size(0), P = grads.size(1), C = static_cast<int64_t>(boundaries.size()) - 1;
   const float* g = grads.data_ptr<float>();
-  const int64_t chunks = (P + kChunk - 1) / kChunk;
-  // Each chunk writes its own K x K partial; summing them in order keeps the result deterministic.
-  std::vector<double> partial(static_cast<size_t>(chunks * K * K), 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      gram_chunk(g, K, P, c * kChunk, std::min(P, (c + 1) * kChunk), partial.data() + c * K * K);
+  const std::vector<Piece> pieces = cut_into_pieces(boundaries, kGramPiece);
+  const int64_t n = static_cast<int64_t>(pieces.size());
+  // Each piece writes its own K x K partial; summing them in piece order afterwards makes the
+  // result independent of the number of threads.
+  std::vector<double> partial(static_cast<size_t>(n * K * K), 0.0);
+  at::parallel_for(0, n, 1, [&](int64_t first, int64_t last) {
+    for (int64_t q = first; q < last; ++q) {
+      gram_piece(g, K, P, pieces[q].begin, pieces[q].end, partial.data() + q * K * K);
     }
   });
-  at::Tensor out = at::zeros({K, K}, grads.options().dtype(at::kDouble));
+  at::Tensor out = at::zeros({C, K, K}, grads.options().dtype(at::kDouble));
   double* G = out.data_ptr<double>();
-  for (int64_t c = 0; c < chunks; ++c)
-    for (int64_t e = 0; e < K * K; ++e) G[e] += partial[c * K * K + e];
-  for (int64_t i = 0; i < K; ++i)
-    for (int64_t j = 0; j < i; ++j) G[i * K + j] = G[j * K + i];
+  for (int64_t q = 0; q < n; ++q) {
+    double* Gc = G + pieces[q].segment * K * K;
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = i; j < K; ++j) Gc[i * K + j] += partial[q * K * K + i * K + j];
+  }
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j < i; ++j) G[(c * K + i) * K + j] = G[(c * K + j) * K + i];
   return out;
 }
 
 TORCH_LIBRARY_FRAGMENT(mtbert, m) {
-  m.def("gradient_gram(Tensor grads) -> Tensor");
+  m.def("gradient_gram(Tensor grads, int[] boundaries) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mtbert, CPU, m) {

@@ -1,0 +1,55 @@
+// What the flat-buffer ops (gradient_gram, gradient_combine, adamw_step) share: argument checks, so
+// every op rejects bad input with the same message naming the argument; the cutting of segments
+// into pieces of parallel work; and the multiversioning of their inner loops.
+#pragma once
+#include <ATen/ATen.h>
+
+// Inner loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (GCC
+// function multiversioning), so one binary uses the widest vectors of the machine it runs on.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MTBERT_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MTBERT_VECTOR_CLONES
+#endif
+
+namespace mtbert {
+
+inline void check_float_buffer(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got ", t.dim(), " dimensions (shape ", t.sizes(), ")");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous (a flat buffer), got strides ", t.strides());
+}
+
+inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (", ref.device(),
+              "), got ", t.device());
+}
+
+// Column boundaries of the segments of a flat buffer: 0 = b[0] <= b[1] <= ... <= b[C] = columns.
+inline void check_boundaries(c10::IntArrayRef boundaries, int64_t columns, const char* name) {
+  TORCH_CHECK(boundaries.size() >= 2, name, " must hold at least [0, P], got ", boundaries);
+  TORCH_CHECK(boundaries.front() == 0 && boundaries.back() == columns, name, " must start at 0 and end at P = ",
+              columns, ", got ", boundaries);
+  for (size_t c = 1; c < boundaries.size(); ++c) {
+    TORCH_CHECK(boundaries[c - 1] <= boundaries[c], name, " must be non-decreasing, got ", boundaries);
+  }
+}
+
+// A contiguous piece of one segment: the unit of parallel work. Cutting every segment into pieces of
+// at most `piece` columns keeps threads busy on one huge segment (word embeddings) and many tiny ones
+// (biases) alike, and a fixed cut keeps float reductions deterministic whatever the thread count.
+struct Piece {
+  int64_t begin, end, segment;
+};
+
+inline std::vector<Piece> cut_into_pieces(c10::IntArrayRef boundaries, int64_t piece) {
+  std::vector<Piece> pieces;
+  for (size_t c = 0; c + 1 < boundaries.size(); ++c) {
+    for (int64_t b = boundaries[c]; b < boundaries[c + 1]; b += piece) {
+      pieces.push_back({b, std::min(b + piece, boundaries[c + 1]), static_cast<int64_t>(c)});
+    }
+  }
+  return pieces;
+}
+
+}  // namespace mtbert
