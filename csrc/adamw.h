@@ -3,6 +3,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <string>
 
 namespace mtbert {
 
@@ -16,6 +17,9 @@ struct AdamWScalars {
 };
 
 enum class AdamWFormula : int64_t { kHandout = 0, kTorch = 1 };
+
+// "handout" or "torch" -> the enum; anything else is an error naming `formula` (adamw.cpp).
+AdamWFormula parse_formula(const std::string& formula);
 
 inline AdamWScalars adamw_scalars(AdamWFormula formula, double lr, double beta1, double beta2, double eps,
                                   double weight_decay, bool correct_bias, int64_t step) {

@@ -4,6 +4,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <vector>
+
 // Inner loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (GCC
 // function multiversioning), so one binary uses the widest vectors of the machine it runs on.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -51,5 +53,13 @@ inline std::vector<Piece> cut_into_pieces(c10::IntArrayRef boundaries, int64_t p
   }
   return pieces;
 }
+
+// The argument checks of each op, defined next to its CPU kernel and reused by the CUDA bindings.
+void check_gram_args(const at::Tensor& grads, c10::IntArrayRef boundaries);
+void check_combine_args(const at::Tensor& grads, const at::Tensor& weights, c10::IntArrayRef boundaries,
+                        const at::Tensor& out);
+void check_adamw_args(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                      const at::Tensor& grad, const at::Tensor& segments, double lr, double beta1, double beta2,
+                      double eps, double weight_decay);
 
 }  // namespace mtbert

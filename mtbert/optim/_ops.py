@@ -28,18 +28,36 @@ def adamw_step(param, exp_avg, exp_avg_sq, grad, segments, *, lr, beta1, beta2, 
                                 correct_bias, formula)
 
 
+def _check_float_buffer(t: torch.Tensor, name: str, dim: int) -> None:
+    torch._check(t.dim() == dim, lambda: f"{name} must be {dim}-D, got {t.dim()} dimensions")
+    torch._check(t.dtype == torch.float32, lambda: f"{name} must be float32, got {t.dtype}")
+
+
+def _check_same_device(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    torch._check(t.device == ref.device,
+                 lambda: f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
+
+
 def _register_fakes():
+    # The fakes check what the C++ checks that shapes and devices decide, so traced code fails alike.
     @torch.library.register_fake("mtbert::gradient_gram")
     def _gradient_gram_fake(grads, boundaries):
+        _check_float_buffer(grads, "grads", 2)
         return grads.new_empty((len(boundaries) - 1, grads.shape[0], grads.shape[0]), dtype=torch.float64)
 
     @torch.library.register_fake("mtbert::gradient_combine")
     def _gradient_combine_fake(grads, weights, boundaries, out):
+        _check_float_buffer(grads, "grads", 2)
+        _check_float_buffer(out, "out", 1)
+        _check_same_device(out, "out", grads, "grads")
         return None
 
     @torch.library.register_fake("mtbert::adamw_step")
     def _adamw_step_fake(param, exp_avg, exp_avg_sq, grad, segments, lr, beta1, beta2, eps, weight_decay,
                          correct_bias, formula):
+        for name, t in (("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("grad", grad)):
+            _check_float_buffer(t, name, 1)
+            _check_same_device(t, name, param, "param")
         return None
 
 
