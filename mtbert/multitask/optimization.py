@@ -20,11 +20,17 @@ class ReferenceGradientPath:
     def __init__(self, model, config):
         if config.grad_method != "sum":
             raise ValueError(f"the reference gradient path supports only grad_method='sum', got {config.grad_method!r}")
-        params = [p for group in model.task_parameters().values() for p in group]
-        self.optimizer = torch.optim.AdamW(decay_groups(params, config.weight_decay), lr=config.lr)
+        self.params = [p for group in model.task_parameters().values() for p in group]
+        self.optimizer = torch.optim.AdamW(decay_groups(self.params, config.weight_decay), lr=config.lr)
 
     def zero_grad(self):
-        self.optimizer.zero_grad(set_to_none=False)
+        # Zeros, never None: AdamW skips a parameter whose grad is None, so a head whose task was
+        # not drawn this step would otherwise skip its momentum update after a resume only.
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad.zero_()
 
     def backward(self, task, loss):
         loss.backward()

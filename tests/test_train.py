@@ -1,0 +1,248 @@
+"""The training loop and CLI on tiny synthetic data with a tiny random encoder: flags parse, every
+option trains with finite losses, the loss goes down, resume equals an uninterrupted run, the
+prediction files and the plot are written."""
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from mtbert import BertConfig, BertModel
+from mtbert.data import DEFAULT_FILES, load_task_file, write_synthetic_data
+from mtbert.multitask import checkpoint as checkpoints
+from mtbert.multitask.evaluate import PREDICTION_COLUMNS
+from mtbert.multitask.plot import main as plot_main
+from mtbert.multitask.trainer import Trainer, TrainConfig, epoch_plan, task_probabilities
+from mtbert.pretrained import resolve_model_dir
+from mtbert.train import build_parser, config_from_args
+from mtbert.train import main as train_main
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer, hidden-32 random BERT with the MiniLM vocabulary, saved as a local checkpoint."""
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    minilm = resolve_model_dir("all-MiniLM-L6-v2")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        if (minilm / name).is_file():
+            shutil.copy(minilm / name, directory / name)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    return write_synthetic_data(tmp_path_factory.mktemp("toy-data"), n_train=96, n_dev=24, n_test=16, seed=1)
+
+
+def _config(tiny_model_dir, toy_data, out, **overrides):
+    settings = dict(data=str(toy_data), out=str(out), model=str(tiny_model_dir), epochs=1, batch_size=16,
+                    lr=1e-3, hidden_dropout_prob=0.1, max_length=32, progress=False, log_every=1)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def _records(out, kind):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["kind"] == kind]
+
+
+# -- command line --------------------------------------------------------------------------------
+
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--option", "--fine-tune-mode", "--sst_train", "--para_dev", "--sts_test", "--grad-method",
+                 "--para-head", "--sts-loss", "--task-sampling", "--resume", "--bf16", "--use_gpu", "--out"):
+        assert flag in text
+
+
+def test_flags_parse_into_the_config():
+    args = build_parser().parse_args([
+        "--data", "d", "--sst_train", "x.csv", "--para_test_out", "p.csv", "--fine-tune-mode", "last-linear-layer",
+        "--para-head", "cross", "--sts-head", "cosine", "--sts-loss", "cosent", "--grad-method", "main-aux",
+        "--main-task", "sts", "--aux-weight", "0.5", "--task-sampling", "annealed", "--schedule", "linear",
+        "--warmup", "0.1", "--weight-decay", "0.01", "--max-length", "64", "--no-bucket", "--tasks", "sst,sts",
+        "--batch_size", "8", "--seed", "3", "--pooling", "cls"])
+    config = config_from_args(args)
+    assert (config.option, config.lr) == ("pretrain", 1e-3)  # the alias, and the starter's lr advice
+    assert (config.para_head, config.sts_head, config.sts_loss) == ("cross", "cosine", "cosent")
+    assert (config.grad_method, config.main_task, config.aux_weight) == ("main-aux", "sts", 0.5)
+    assert (config.task_sampling, config.schedule, config.warmup, config.weight_decay) == ("annealed", "linear", 0.1, 0.01)
+    assert (config.max_length, config.bucket, config.tasks, config.batch_size, config.seed) == (64, False, ("sst", "sts"), 8, 3)
+    assert str(config.file("sst", "train")) == "x.csv" and str(config.file("sts", "dev")) == "d/sts-dev.csv"
+    assert str(config.prediction_file("para", "test")) == "p.csv"
+    defaults = config_from_args(build_parser().parse_args([]))
+    assert (defaults.option, defaults.lr, defaults.seed, defaults.grad_method) == ("finetune", 1e-5, 11711, "sum")
+    with pytest.raises(ValueError, match="main_task"):
+        TrainConfig(tasks=("sst", "para"), grad_method="main-aux", main_task="sts")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--sts-loss", "hinge"])
+
+
+def test_task_sampling_plans():
+    sizes = {"sst": 4, "para": 10, "sts": 2}
+    tasks = ("sst", "para", "sts")
+    assert epoch_plan(tasks, sizes, "round-robin", 0, 3, 0) == [list(tasks)] * 10
+    proportional = epoch_plan(tasks, sizes, "proportional", 0, 3, 0)
+    assert len(proportional) == 6 and all(len(step) == 3 for step in proportional)
+    assert task_probabilities([4, 10, 2], "proportional", 0, 3) == pytest.approx([0.25, 0.625, 0.125])
+    # Annealed (Stickland & Murray): α = 1 − 0.8·e/(E − 1) for 0-based epoch e: proportional first, then flatter.
+    assert task_probabilities([4, 10, 2], "annealed", 0, 3) == pytest.approx([0.25, 0.625, 0.125])
+    last = task_probabilities([4, 10, 2], "annealed", 2, 3)
+    weights = [n ** 0.2 for n in (4, 10, 2)]
+    assert last == pytest.approx([w / sum(weights) for w in weights])
+
+
+# -- training ------------------------------------------------------------------------------------
+
+COMBINATIONS = [
+    dict(para_head="concat", sts_head="concat", sts_loss="mse", option="pretrain"),
+    dict(para_head="cosine", sts_head="cosine", sts_loss="cosine-mse", pooling="cls"),
+    dict(para_head="sbert", sts_head="sbert", sts_loss="ce", grad_method="pcgrad", task_sampling="proportional"),
+    dict(para_head="cross", sts_head="cross", sts_loss="cosent", grad_method="main-aux", task_sampling="annealed",
+         schedule="cosine", warmup=0.2, weight_decay=0.01),
+    dict(para_head="sbert", sts_head="cosine", sts_loss="mse", tasks=("sts",), bucket=False),
+]
+
+
+@pytest.mark.parametrize("options", COMBINATIONS, ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_every_option_trains_with_finite_losses(tiny_model_dir, toy_data, tmp_path, options):
+    config = _config(tiny_model_dir, toy_data, tmp_path, max_train_examples=32, max_dev_examples=12, **options)
+    trainer = Trainer(config)
+    frozen = {name: p.detach().clone() for name, p in trainer.model.encoder.named_parameters()}
+    scores = trainer.fit()
+    losses = [value for record in _records(tmp_path, "train") for value in record["loss"].values()]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert all(0.0 <= scores[k] <= 1.0 for k in scores if k.endswith("acc"))
+    if config.option == "pretrain":
+        assert all(torch.equal(p, frozen[name]) for name, p in trainer.model.encoder.named_parameters())
+    else:
+        assert not all(torch.equal(p, frozen[name]) for name, p in trainer.model.encoder.named_parameters())
+
+
+def _parse_predictions(path):
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header, rows = lines[0], [line.rsplit(" , ", 1) for line in lines[1:]]
+    return header, {example_id: float(value) for example_id, value in rows}
+
+
+def test_loss_decreases_and_outputs_are_written(tiny_model_dir, toy_data, tmp_path):
+    config = _config(tiny_model_dir, toy_data, tmp_path, epochs=4, log_every=6)
+    scores = Trainer(config).fit()
+    train = _records(tmp_path, "train")
+    for task in ("sst", "para", "sts"):
+        assert train[-1]["loss"][task] < train[0]["loss"][task], task
+    assert scores["sst_acc"] > 0.3  # 5 classes, so chance is 0.2; the sentiment word decides the label
+    assert len(_records(tmp_path, "dev")) == 4 and _records(tmp_path, "final")[0]["overall"] == scores["overall"]
+    for task in ("sst", "para", "sts"):
+        for split in ("dev", "test"):
+            header, predictions = _parse_predictions(tmp_path / "predictions" / f"{task}-{split}-output.csv")
+            assert header == f"id \t {PREDICTION_COLUMNS[task]} "
+            inputs = load_task_file(task, toy_data / DEFAULT_FILES[(task, split)])
+            assert set(predictions) == {e.id for e in inputs.examples}
+            if task == "sst":
+                assert set(predictions.values()) <= {0, 1, 2, 3, 4}
+            if task == "para":
+                assert set(predictions.values()) <= {0.0, 1.0}
+    assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_main([str(tmp_path), "--output", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").stat().st_size > 1000
+    best = checkpoints.load_checkpoint(tmp_path / "best.pt")
+    assert best["dev"]["overall"] == pytest.approx(max(r["overall"] for r in _records(tmp_path, "dev")))
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("grad_method", ["sum", "pcgrad"])
+def test_resume_after_kill_equals_uninterrupted_run(tiny_model_dir, toy_data, tmp_path, grad_method):
+    options = dict(epochs=2, batch_size=16, max_train_examples=96, max_dev_examples=12, save_every=3,
+                   grad_method=grad_method, task_sampling="proportional", hidden_dropout_prob=0.2)
+    reference = Trainer(_config(tiny_model_dir, toy_data, tmp_path / "reference", **options))
+    reference_scores = reference.fit()
+
+    def kill_at_step_5(trainer):  # the checkpoint of step 3 survives; steps 4 and 5 are lost
+        if trainer.global_step == 5:
+            raise _Killed
+
+    killed_out = tmp_path / "killed"
+    with pytest.raises(_Killed):
+        Trainer(_config(tiny_model_dir, toy_data, killed_out, **options), on_step=kill_at_step_5).fit()
+    state = checkpoints.load_checkpoint(killed_out / "last.pt")
+    assert (state["global_step"], state["epoch"]) == (3, 0)
+    resumed = Trainer(_config(tiny_model_dir, toy_data, killed_out, **options))
+    resumed.load_state_dict(state)
+    resumed_scores = resumed.fit()
+
+    final_reference = checkpoints.load_checkpoint(tmp_path / "reference" / "last.pt")["model"]
+    final_resumed = checkpoints.load_checkpoint(killed_out / "last.pt")["model"]
+    for name, value in final_reference.items():
+        assert torch.equal(value, final_resumed[name]), name
+    assert resumed_scores == reference_scores
+    strip = [{k: v for k, v in r.items() if k != "examples_per_s"} for r in _records(tmp_path / "reference", "train")]
+    assert strip == [{k: v for k, v in r.items() if k != "examples_per_s"} for r in _records(killed_out, "train")]
+
+
+def test_non_finite_loss_skips_the_step(tiny_model_dir, toy_data, tmp_path):
+    trainer = Trainer(_config(tiny_model_dir, toy_data, tmp_path, max_train_examples=48))
+    original_loss, calls = trainer.model.loss, []
+
+    def poisoned(task, scores, labels):
+        calls.append(task)
+        loss = original_loss(task, scores, labels)
+        return loss * float("nan") if len(calls) == 5 else loss  # step 2, para
+
+    trainer.model.loss = poisoned
+    before = {}
+
+    def snapshot(t):
+        before[t.global_step] = [p.detach().clone() for p in t.model.parameters()]
+
+    trainer.on_step = snapshot
+    with pytest.warns(UserWarning, match="non-finite para loss at step 1"):
+        trainer.fit()
+    assert trainer.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before[1], before[2]))  # the skipped step changed nothing
+    assert not all(torch.equal(a, b) for a, b in zip(before[2], before[3]))
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    target = checkpoints.save_checkpoint({"step": 1}, tmp_path / "last.pt")
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save_checkpoint({"step": 2}, target)
+    monkeypatch.undo()
+    assert checkpoints.load_checkpoint(target) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    with pytest.raises(FileNotFoundError, match="nothing.pt"):
+        checkpoints.load_checkpoint(tmp_path / "nothing.pt")
+
+
+def test_cli_runs_on_synthetic_data_when_data_is_missing(tiny_model_dir, tmp_path, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = train_main(["--data", str(tmp_path / "no-data"), "--synthetic-if-missing", "--model",
+                           str(tiny_model_dir), "--epochs", "1", "--batch_size", "16", "--lr", "1e-3",
+                           "--max-train-examples", "32", "--max-dev-examples", "16", "--out", str(tmp_path / "run"),
+                           "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "SYNTHETIC sanity data" in printed and "| SST acc |" in printed
+    assert (tmp_path / "run" / "synthetic-data" / "quora-train.csv").is_file()
+    assert (tmp_path / "run" / "predictions" / "sts-test-output.csv").is_file()
+    with pytest.raises(FileNotFoundError, match="ids-sst-train.csv"):
+        train_main(["--data", str(tmp_path / "no-data"), "--model", str(tiny_model_dir), "--out", str(tmp_path / "x")])
