@@ -7,7 +7,6 @@
 // groups) are left untouched. The update formulas are in adamw.h.
 #include <torch/library.h>
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <cmath>
 #include <string>
@@ -110,7 +109,7 @@ void adamw_step_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_
   float* m = exp_avg.data_ptr<float>();
   float* v = exp_avg_sq.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
-  at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t first, int64_t last) {
+  for_each_piece(static_cast<int64_t>(pieces.size()), param.numel(), [&](int64_t first, int64_t last) {
     for (int64_t q = first; q < last; ++q) {
       const Piece piece = pieces[q];
       if (formula == AdamWFormula::kTorch) {

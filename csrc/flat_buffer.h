@@ -3,6 +3,7 @@
 // into pieces of parallel work; and the multiversioning of their inner loops.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <vector>
 
@@ -52,6 +53,20 @@ inline std::vector<Piece> cut_into_pieces(c10::IntArrayRef boundaries, int64_t p
     }
   }
   return pieces;
+}
+
+// Runs body(first, last) over pieces [0, count): on the calling thread when the whole job is small
+// (a thread team costs more than it saves there, and far more on a busy machine), in parallel otherwise.
+constexpr int64_t kParallelColumns = 1 << 16;
+
+template <typename Body>
+void for_each_piece(int64_t count, int64_t total_columns, const Body& body) {
+  if (count == 0) return;
+  if (total_columns < kParallelColumns || count == 1) {
+    body(0, count);
+  } else {
+    at::parallel_for(0, count, 1, body);
+  }
 }
 
 // The argument checks of each op, defined next to its CPU kernel and reused by the CUDA bindings.

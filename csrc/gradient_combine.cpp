@@ -7,7 +7,6 @@
 // segment by segment (shared encoder with the surgery weights, each head with its own task's).
 #include <torch/library.h>
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <vector>
 
@@ -73,7 +72,7 @@ void gradient_combine_cpu(const at::Tensor& grads, const at::Tensor& weights, c1
   const double* w = weights.data_ptr<double>();
   float* o = out.data_ptr<float>();
   const std::vector<Piece> pieces = cut_into_pieces(boundaries, kCombinePiece);
-  at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t first, int64_t last) {
+  for_each_piece(static_cast<int64_t>(pieces.size()), K * P, [&](int64_t first, int64_t last) {
     for (int64_t q = first; q < last; ++q) {
       combine_piece(g, K, P, w + pieces[q].segment * K, pieces[q].begin, pieces[q].end, o);
     }

@@ -8,7 +8,6 @@
 // accumulated in float64 so that nearly orthogonal or nearly opposite gradients keep their sign.
 #include <torch/library.h>
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <vector>
 
@@ -53,7 +52,7 @@ at::Tensor gradient_gram_cpu(const at::Tensor& grads, c10::IntArrayRef boundarie
   // Each piece writes its own K x K partial; summing them in piece order afterwards makes the
   // result independent of the number of threads.
   std::vector<double> partial(static_cast<size_t>(n * K * K), 0.0);
-  at::parallel_for(0, n, 1, [&](int64_t first, int64_t last) {
+  for_each_piece(n, K * P, [&](int64_t first, int64_t last) {
     for (int64_t q = first; q < last; ++q) {
       gram_piece(g, K, P, pieces[q].begin, pieces[q].end, partial.data() + q * K * K);
     }
