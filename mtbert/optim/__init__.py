@@ -48,10 +48,10 @@ References for tests/benchmarks: ``combine_reference(grads, method, ...)`` (per-
 from .adamw import FORMULAS, FusedAdamW, adamw_reference
 from .combine import (METHODS, GradientCombination, combine_gradients, combine_reference, main_aux_weights,
                       pcgrad_orders, pcgrad_weights, sum_weights)
-from .flat import FlatParameters, owner_of
+from .flat import ALIGNMENT, FlatParameters, owner_of
 
 __all__ = [
-    "FORMULAS", "METHODS", "FlatParameters", "FusedAdamW", "GradientCombination", "adamw_reference",
+    "ALIGNMENT", "FORMULAS", "METHODS", "FlatParameters", "FusedAdamW", "GradientCombination", "adamw_reference",
     "combine_gradients", "combine_reference", "main_aux_weights", "owner_of", "pcgrad_orders",
     "pcgrad_weights", "sum_weights",
 ]
