@@ -177,3 +177,11 @@ def test_misuse_gives_clear_errors():
     model.encoder[0].weight.data = model.encoder[0].weight.data.clone()  # what .to()/.half() would do
     with pytest.raises(RuntimeError, match="no longer views"):
         opt.step()
+
+
+def test_gradients_present_when_packing_are_kept():
+    p = torch.nn.Parameter(torch.randn(5))
+    p.grad = torch.randn(5)
+    expected = p.grad.clone()
+    flat = FlatParameters([p])
+    assert torch.equal(p.grad, expected) and p.grad.data_ptr() == flat.grad.data_ptr()

@@ -42,7 +42,8 @@ class FlatParameters:
             (just [0, P] without tasks).
         task_names: the task names in row order.
 
-    Outside ``task()``, each ``.grad`` is a view into ``grad``; so ``clip_grad_norm_``,
+    Gradients present when packing are copied into ``grad``. Outside ``task()``, each ``.grad`` is
+    a view into ``grad``; so ``clip_grad_norm_``,
     ``GradScaler.unscale_`` and the optimizer see the combined gradient. Padding between parameters
     (for alignment) is zero in every buffer. Pack after moving the model to its device: ``.to()``,
     ``.cuda()`` or ``.half()`` replace the parameters' storage and detach them from the buffer
@@ -90,6 +91,8 @@ class FlatParameters:
         with torch.no_grad():
             for p, (begin, end) in zip(self._parameters, self._spans):
                 self.params[begin:end].copy_(p.reshape(-1))
+                if p.grad is not None:  # a gradient already there is kept, as the combined one
+                    self.grad[begin:end].copy_(p.grad.reshape(-1))
                 p.data = self.params[begin:end].view_as(p)
                 _OWNER[p] = self
         self._row_views = [self._views_of(self.grads[k]) for k in range(K)]
