@@ -10,7 +10,8 @@ Conventions the benchmark files follow so that the report can read them:
 - ``extra_info["bandwidth_probe"] = True``: a memory-bandwidth probe (STREAM-triad-like) timed in
   the same run, against which the GB/s of the other rows of the report are put;
 - ``extra_info["items"]`` and ``extra_info["item_name"]``: work per call (e.g. 96 examples), for a
-  throughput column; ``extra_info["peak_memory_mb"]`` when measured.
+  throughput column; ``extra_info["peak_memory_mb"]`` when measured; ``extra_info["phases_ms"]``,
+  {phase: median ms}, for where a step's time goes.
 """
 import argparse
 import json
@@ -73,6 +74,8 @@ def group_rows(benchmarks, probe_gbs):
                 row["throughput"] = f"{extra['items'] / median:,.0f} {extra.get('item_name', 'items')}/s"
             if "peak_memory_mb" in extra:
                 row["memory"] = f"{extra['peak_memory_mb']:,.0f} MB"
+            if "phases_ms" in extra:
+                row["phases"] = " / ".join(f"{phase} {ms:,.0f}" for phase, ms in extra["phases_ms"].items())
             rows.append(row)
         table[group] = rows
     return table
@@ -87,11 +90,12 @@ def markdown(data, table, probe_gbs, chart_name):
     if chart_name:
         out += [f"![speedups]({chart_name})", ""]
     for group, rows in table.items():
-        has = {key: any(key in r for r in rows) for key in ("gbs", "throughput", "memory")}
+        has = {key: any(key in r for r in rows) for key in ("gbs", "throughput", "memory", "phases")}
         header = ["implementation", "median (ms)", "vs baseline"]
         header += ["GB/s", "of probe"] if has["gbs"] else []
         header += ["throughput"] if has["throughput"] else []
         header += ["peak memory"] if has["memory"] else []
+        header += ["where the time goes (ms)"] if has["phases"] else []
         out += [f"## {group}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         for r in rows:
             cells = [r["name"] + (" (baseline)" if r["baseline"] else ""), f"{r['median_ms']:.3f}",
@@ -103,6 +107,8 @@ def markdown(data, table, probe_gbs, chart_name):
                 cells.append(r.get("throughput", ""))
             if has["memory"]:
                 cells.append(r.get("memory", ""))
+            if has["phases"]:
+                cells.append(r.get("phases", ""))
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
