@@ -1,49 +1,59 @@
-"""The gradient path of a multitask step: per-task backward, combination of the task gradients,
-the AdamW update. The trainer sees only :class:`GradientPath`'s four methods."""
+"""The gradient path of a multitask step, on ``mtbert.optim``: every trainable parameter lives in
+one flat buffer; each task back-propagates into its own row of the [K, P] gradient buffer; the rows
+are combined (sum / PCGrad / main+aux, two passes in C++); ``FusedAdamW`` updates the buffer in
+one kernel per parameter group. The trainer sees only :class:`GradientPath`'s methods."""
 import torch
+
+from ..optim import FlatParameters, FusedAdamW
 
 GRAD_METHODS = ("sum", "pcgrad", "main-aux")
 
 
 def decay_groups(parameters, weight_decay):
     """AdamW parameter groups: no weight decay on biases and LayerNorm weights (1-D tensors), as
-    in BERT's original fine-tuning recipe."""
+    in BERT's original fine-tuning recipe. Empty groups are left out."""
     parameters = list(parameters)
-    return [{"params": [p for p in parameters if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [{"params": [p for p in parameters if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
-class ReferenceGradientPath:
-    """Plain PyTorch: autograd sums the task gradients in ``.grad``, ``torch.optim.AdamW`` steps.
-    Supports only ``grad_method='sum'``."""
+class GradientPath:
+    """Per-task backward, combination and the optimizer step for the trained tasks of ``model``.
+
+    Rows of the gradient buffer follow ``config.tasks``; the shared segment is the encoder's
+    trainable parameters (none with ``option='pretrain'``), then each task's head. Surgery applies to
+    the shared segment; each head receives its own task's gradient. PCGrad's random projection
+    order comes from a generator seeded with ``config.seed`` and saved in checkpoints."""
 
     def __init__(self, model, config):
-        if config.grad_method != "sum":
-            raise ValueError(f"the reference gradient path supports only grad_method='sum', got {config.grad_method!r}")
-        self.params = [p for group in model.task_parameters().values() for p in group]
-        self.optimizer = torch.optim.AdamW(decay_groups(self.params, config.weight_decay), lr=config.lr)
+        groups = model.task_parameters()
+        self.flat = FlatParameters(shared=groups["shared"], tasks={t: groups[t] for t in config.tasks})
+        self.optimizer = FusedAdamW(decay_groups(self.flat.parameters(), config.weight_decay), lr=config.lr)
+        self.method = config.grad_method
+        self.main_task = config.main_task if config.grad_method == "main-aux" else None
+        self.aux_weight = config.aux_weight
+        self.generator = torch.Generator().manual_seed(config.seed)
 
     def zero_grad(self):
-        # Zeros, never None: AdamW skips a parameter whose grad is None, so a head whose task was
-        # not drawn this step would otherwise skip its momentum update after a resume only.
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            else:
-                p.grad.zero_()
+        self.optimizer.zero_grad()
 
     def backward(self, task, loss):
-        loss.backward()
+        """Accumulates the gradient of ``loss`` into ``task``'s row."""
+        with self.flat.task(task):
+            loss.backward()
 
     def step(self):
+        """Combines the rows into the update direction, then one AdamW step."""
+        self.flat.combine(self.method, generator=self.generator, main=self.main_task, aux_weight=self.aux_weight)
         self.optimizer.step()
 
     def state_dict(self):
-        return {}
+        return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state):
-        pass
+        self.generator.set_state(state["generator"])
 
 
-def make_gradient_path(model, config):
-    return ReferenceGradientPath(model, config)
+def make_gradient_path(model, config) -> GradientPath:
+    return GradientPath(model, config)
