@@ -212,6 +212,7 @@ class Trainer:
             self.optimizer, lr_lambda(config.schedule, warmup_steps, self.total_steps))
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_overall, self.skipped_steps = -math.inf, 0
+        self._best_dev = None  # (epoch, dev metrics, dev predictions) of the best epoch run here
 
     # -- setup --------------------------------------------------------------------------------
     def _load_data(self):
@@ -366,13 +367,14 @@ class Trainer:
             if self.on_step is not None:
                 self.on_step(self)
         bar.close()
-        scores, _ = self.evaluate()
+        scores, predictions = self.evaluate()
         logger.info("epoch %d dev: %s", self.epoch + 1, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
         self._record(kind="dev", epoch=self.epoch + 1, step=self.global_step, **scores)
         selection = scores.get("overall", sum(scores.values()) / len(scores))
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         if selection > self.best_overall:
             self.best_overall = selection
+            self._best_dev = (self.epoch, scores, predictions)
             save_checkpoint({"config": self.config.to_dict(), "model": self.model.state_dict(), "dev": scores,
                              "epoch": self.epoch}, self.out / "best.pt")
         self.save()
@@ -387,7 +389,10 @@ class Trainer:
         best dev metrics."""
         best = load_checkpoint(self.out / "best.pt")
         self.model.load_state_dict(best["model"])
-        scores, dev_predictions = self.evaluate()
+        if self._best_dev is not None and self._best_dev[0] == best["epoch"]:
+            _, scores, dev_predictions = self._best_dev  # evaluated by this process already
+        else:
+            scores, dev_predictions = self.evaluate()
         options = dict(batch_size=self.config.eval_batch_size, max_length=self.config.max_length, device=self.device)
         written = []
         for task, dev in self.dev_sets.items():
