@@ -29,30 +29,23 @@ class SentimentHead(nn.Module):
         return self.classifier(self.dropout(pooled))
 
 
-class ConcatPairHead(nn.Module):
+class LinearPairHead(nn.Module):
+    """A linear score of pair features: [u; v] (``concat``) or (u, v, |u−v|) (``sbert``)."""
+
     joint = False
 
-    def __init__(self, hidden_size, dropout):
+    def __init__(self, hidden_size, dropout, features="sbert"):
         super().__init__()
+        if features not in ("concat", "sbert"):
+            raise ValueError(f"features must be 'concat' or 'sbert', got {features!r}")
+        self.features = features
         self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(2 * hidden_size, 1)
+        self.linear = nn.Linear((2 if features == "concat" else 3) * hidden_size, 1)
 
     def forward(self, u, v):
         """u, v: [B, H] → scores [B]."""
-        return self.linear(self.dropout(torch.cat([u, v], dim=-1))).squeeze(-1)
-
-
-class SBertPairHead(nn.Module):
-    joint = False
-
-    def __init__(self, hidden_size, dropout):
-        super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(3 * hidden_size, 1)
-
-    def forward(self, u, v):
-        """u, v: [B, H] → scores [B]."""
-        return self.linear(self.dropout(torch.cat([u, v, (u - v).abs()], dim=-1))).squeeze(-1)
+        parts = [u, v] if self.features == "concat" else [u, v, (u - v).abs()]
+        return self.linear(self.dropout(torch.cat(parts, dim=-1))).squeeze(-1)
 
 
 class CosinePairHead(nn.Module):
@@ -91,10 +84,8 @@ class CrossPairHead(nn.Module):
 
 
 def make_pair_head(kind, hidden_size, dropout, cosine_affine=(1.0, 0.0)):
-    if kind == "concat":
-        return ConcatPairHead(hidden_size, dropout)
-    if kind == "sbert":
-        return SBertPairHead(hidden_size, dropout)
+    if kind in ("concat", "sbert"):
+        return LinearPairHead(hidden_size, dropout, features=kind)
     if kind == "cosine":
         return CosinePairHead(cosine_affine)
     if kind == "cross":
