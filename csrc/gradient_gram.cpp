@@ -17,9 +17,9 @@ namespace mtbert {
 
 namespace {
 
-// Columns per piece: K rows of it (3 x 8 KiB at K = 3) stay in L1 while the K (K + 1) / 2 dot
+// Columns per piece: K rows of it (3 x 64 KiB at K = 3) stay in L2 while the K (K + 1) / 2 dot
 // products re-read them, so memory is read once.
-constexpr int64_t kGramPiece = 2048;
+constexpr int64_t kGramPiece = 16384;
 
 MTBERT_VECTOR_CLONES
 void gram_piece(const float* g, int64_t K, int64_t P, int64_t begin, int64_t end, double* acc) {
