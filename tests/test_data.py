@@ -194,3 +194,20 @@ def test_example_lengths_count_tokens(tokenizer):
     pairs = [Example("a", ("hello world", "a b c"), 0.0)]
     assert example_lengths(pairs, tokenizer, pair_mode="separate") == [5]
     assert example_lengths(pairs, tokenizer, pair_mode="joint") == [8]
+
+
+def test_download_fetches_and_checks_every_file(tmp_path, capsys):
+    """The download itself needs internet; a file:// mirror exercises the same code path."""
+    from mtbert.data import main
+
+    mirror = write_synthetic_data(tmp_path / "mirror", n_train=12, n_dev=6, n_test=4)
+    assert main(["download", "--to", str(tmp_path / "got"), "--base-url", mirror.resolve().as_uri()]) == 0
+    assert "9 files" in capsys.readouterr().out
+    for name in DEFAULT_FILES.values():
+        assert (tmp_path / "got" / name).read_bytes() == (mirror / name).read_bytes()
+    (mirror / "sts-dev.csv").write_text("\tid\tsentence1\n", encoding="utf-8")  # a broken file is caught
+    with pytest.raises(ValueError, match="sts-dev.csv"):
+        main(["download", "--to", str(tmp_path / "again"), "--base-url", mirror.resolve().as_uri()])
+    with pytest.raises(RuntimeError, match="could not download"):
+        main(["download", "--to", str(tmp_path / "none"), "--base-url", (tmp_path / "missing").resolve().as_uri()])
+    assert main(["check", str(tmp_path / "got")]) == 0
