@@ -21,10 +21,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import (attention_blocks, check_finite, check_launchable, check_tensor, dot_in_float32, jit, tl,
+from ._triton import (FLOAT_DTYPES, attention_blocks, check_finite, check_launchable, check_tensor, dot_in_float32, jit, tl,
                       triton)
 
 _LOG2E = 1.4426950408889634
+_TORCH_DTYPES = FLOAT_DTYPES + (torch.float64,)
 
 
 @jit
@@ -103,7 +104,8 @@ def _attention_fwd_kernel(
     if HAS_DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
     tl.store(out_ptr + q_offsets, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(lse_ptr + head * total_tokens + start + rows, row_max + tl.log2(row_sum), mask=row_ok)
+    lse = tl.where(has_keys, row_max + tl.log2(tl.where(has_keys, row_sum, 1.0)), float("-inf"))
+    tl.store(lse_ptr + head * total_tokens + start + rows, lse, mask=row_ok)
 
 
 @jit
@@ -233,13 +235,13 @@ def _attention_bwd_dq_kernel(
     tl.store(grad_q_ptr + q_offsets, (grad_q * softmax_scale).to(grad_q_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _check_inputs(q, k, v, cu_seqlens, max_seqlen, key_lengths, dropout_p, softmax_scale):
+def _check_inputs(q, k, v, cu_seqlens, max_seqlen, key_lengths, dropout_p, softmax_scale, dtypes=FLOAT_DTYPES):
     """Validates either layout; returns (batch, padded_len or 0, max keys per sequence)."""
     varlen = cu_seqlens is not None
     if varlen == (key_lengths is not None):
         raise ValueError("pass exactly one of cu_seqlens (packed [T, heads, head_dim] inputs) and key_lengths "
                          "(padded [B, L, heads, head_dim] inputs)")
-    check_tensor("q", q, dims=3 if varlen else 4)
+    check_tensor("q", q, dims=3 if varlen else 4, dtypes=dtypes)
     check_tensor("k", k, dtypes=(q.dtype,), like=q, shape=q.shape)
     check_tensor("v", v, dtypes=(q.dtype,), like=q, shape=q.shape)
     if not 0.0 <= dropout_p < 1.0:
@@ -349,37 +351,39 @@ def padded_attention_triton(q, k, v, key_lengths, dropout_p=0.0, softmax_scale=N
 
 
 def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None):
-    """Packed attention in PyTorch, the CPU path: sequences of equal length are batched together
-    and run through ``scaled_dot_product_attention``, one call per distinct length.
+    """Packed attention in PyTorch, the CPU path: the packed q, k, v are padded to [B, max_seqlen]
+    for attention only, and the real rows gathered back. Measured on 2 CPU cores (MiniLM shapes,
+    benchmarks/README.md) this beats one SDPA call per length bucket, which launches many small
+    ops, and nested-tensor SDPA, which is several times slower.
 
-    With dropout the bucket runs the plain matmul-softmax-dropout-matmul instead, the dropout of
-    Hugging Face's eager attention (a batch of equal lengths consumes the RNG identically)."""
-    _check_inputs(q, k, v, cu_seqlens, max_seqlen, None, dropout_p, softmax_scale)
+    Without dropout it is ``scaled_dot_product_attention`` with a key mask; with dropout, the plain
+    matmul-softmax-dropout-matmul, i.e. Hugging Face's eager attention, whose dropout draws the
+    same random numbers in the same order."""
+    _check_inputs(q, k, v, cu_seqlens, max_seqlen, None, dropout_p, softmax_scale, _TORCH_DTYPES)
     T, heads, head_dim = q.shape
+    B = cu_seqlens.numel() - 1
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
-    offsets = cu_seqlens.tolist()
-    starts = torch.tensor(offsets[:-1], device=q.device)
-    lengths = torch.tensor(offsets, device=q.device).diff()
-    bucket_tokens, bucket_contexts = [], []
-    for length in lengths.unique().tolist():
-        members = starts[lengths == length]
-        tokens = (members[:, None] + torch.arange(length, device=q.device)).reshape(-1)
-        # (members, heads, length, head_dim)
-        q_b, k_b, v_b = (t[tokens].view(-1, length, heads, head_dim).transpose(1, 2) for t in (q, k, v))
-        if dropout_p > 0:
-            probs = F.dropout(torch.softmax(q_b @ k_b.transpose(-1, -2) * scale, dim=-1), dropout_p)
-            context = probs @ v_b
-        else:
-            context = F.scaled_dot_product_attention(q_b, k_b, v_b, scale=scale)
-        bucket_tokens.append(tokens)
-        bucket_contexts.append(context.transpose(1, 2).reshape(-1, heads, head_dim))
-    # Every token lies in exactly one bucket, so this writes all of the output.
-    return torch.empty_like(q).index_copy(0, torch.cat(bucket_tokens), torch.cat(bucket_contexts))
+    lengths = cu_seqlens.diff()
+    key_ok = torch.arange(max_seqlen, device=q.device) < lengths[:, None]  # (B, max_seqlen)
+    tokens = key_ok.reshape(-1).nonzero().squeeze(1)  # (T,) padded position of each packed token
+
+    def padded(t):  # (B, heads, max_seqlen, head_dim)
+        return t.new_zeros(B * max_seqlen, heads, head_dim).index_copy(0, tokens, t).view(
+            B, max_seqlen, heads, head_dim).transpose(1, 2)
+
+    q_p, k_p, v_p = padded(q), padded(k), padded(v)
+    if dropout_p > 0:
+        mask_bias = torch.zeros(key_ok.shape, dtype=q.dtype, device=q.device).masked_fill_(~key_ok, torch.finfo(q.dtype).min)
+        scores = q_p @ k_p.transpose(-1, -2) * scale + mask_bias[:, None, None, :]  # (B, heads, L, L)
+        context = F.dropout(torch.softmax(scores, dim=-1), dropout_p) @ v_p
+    else:
+        context = F.scaled_dot_product_attention(q_p, k_p, v_p, attn_mask=key_ok[:, None, None, :], scale=scale)
+    return context.transpose(1, 2).reshape(B * max_seqlen, heads, head_dim)[tokens]
 
 
 def padded_attention_torch(q, k, v, key_lengths, dropout_p=0.0, softmax_scale=None):
     """Padded attention in PyTorch (``scaled_dot_product_attention`` with a key mask)."""
-    _check_inputs(q, k, v, None, None, key_lengths, dropout_p, softmax_scale)
+    _check_inputs(q, k, v, None, None, key_lengths, dropout_p, softmax_scale, _TORCH_DTYPES)
     B, L = q.shape[:2]
     key_ok = torch.arange(L, device=q.device) < key_lengths[:, None]  # (B, L)
     has_keys = key_lengths > 0
