@@ -50,8 +50,10 @@ def test_pcgrad(benchmark, model, impl):
             synchronize()
     combine()
     expected = combine_reference(grads.double(), "pcgrad", orders=ORDERS)
-    # float32 dot products over 22M+ entries carry ~1e-5 relative error into the projections.
-    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    # mtbert accumulates the Gram matrix in float64; the per-pair baseline's float32 torch.dot over
+    # 22M-110M entries carries ~1e-4 relative error into its projection coefficients.
+    tolerance = 1e-4 if impl.startswith("mtbert") else 1e-3
+    torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
     del expected
     benchmark.group = f"pcgrad K={K} P={model}"
     benchmark.extra_info.update(impl=impl, bytes=(2 * K + 1) * 4 * numel, columns=numel,
