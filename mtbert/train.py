@@ -4,8 +4,9 @@ SST-5, Quora paraphrase and STS-B (the CS224N default final project), flags as i
 
 Example (the `make demo` setting, about 15 minutes on a 2-core CPU):
 
-    python -m mtbert.train --data ../shared/data --epochs 1 --lr 1e-4 --batch_size 32 \\
-        --max-train-examples 4000 --para-head sbert --sts-head cosine --sts-loss cosent --out runs/demo
+    python -m mtbert.train --data data --out runs/demo --epochs 1 --max-train-examples 8000 \\
+        --batch_size 16 --lr 1e-4 --hidden_dropout_prob 0.1 --para-head cross --sts-head cosine \\
+        --sts-loss cosent --grad-method pcgrad --schedule linear --warmup 0.1
 
 Writes into OUT: metrics.jsonl, metrics.png, config.json, last.pt (every --save-every steps and
 each epoch; --resume OUT/last.pt continues a killed run exactly), best.pt (best dev overall

@@ -139,7 +139,6 @@ def test_loss_decreases_and_outputs_are_written(tiny_model_dir, toy_data, tmp_pa
     train = _records(tmp_path, "train")
     for task in ("sst", "para", "sts"):
         assert train[-1]["loss"][task] < train[0]["loss"][task], task
-    assert scores["sst_acc"] > 0.3  # 5 classes, so chance is 0.2; the sentiment word decides the label
     assert len(_records(tmp_path, "dev")) == 3 and _records(tmp_path, "final")[0]["overall"] == scores["overall"]
     for task in ("sst", "para", "sts"):
         for split in ("dev", "test"):
@@ -151,6 +150,8 @@ def test_loss_decreases_and_outputs_are_written(tiny_model_dir, toy_data, tmp_pa
                 assert set(predictions.values()) <= {0, 1, 2, 3, 4}
             if task == "para":
                 assert set(predictions.values()) <= {0.0, 1.0}
+    padding = _records(tmp_path, "padding")
+    assert len(padding) == 3 and all(0.0 <= padding[0][t] < 0.5 for t in ("sst", "para", "sts"))
     assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_main([str(tmp_path), "--output", str(tmp_path / "again.png")]) == 0
     assert (tmp_path / "again.png").stat().st_size > 1000

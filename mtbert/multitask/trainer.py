@@ -213,6 +213,7 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_overall, self.skipped_steps = -math.inf, 0
         self._best_dev = None  # (epoch, dev metrics, dev predictions) of the best epoch run here
+        self.token_slots = {t: [0, 0] for t in config.tasks}  # real tokens, padded slots this epoch
 
     # -- setup --------------------------------------------------------------------------------
     def _load_data(self):
@@ -245,7 +246,7 @@ class Trainer:
             self.streams[task] = TaskStream(sampler)
             self.batches_per_task[task] = len(sampler)
             padding = sampler.padding_fraction(sampler.batches(0))
-            logger.info("%s: %d training examples, %d batches/pass, padding %.1f%% of tokens (%s)", task,
+            logger.info("%s: %d training examples, %d batches/pass, about %.1f%% padding (%s)", task,
                         len(train), len(sampler), 100 * padding, "length-bucketed" if cfg.bucket else "random")
             self.padding_fraction[task] = padding
         self.plans = [epoch_plan(cfg.tasks, self.batches_per_task, cfg.task_sampling, e, cfg.epochs, cfg.seed)
@@ -314,6 +315,9 @@ class Trainer:
             batch = collate([self.train_sets[task].examples[i] for i in indices], self.tokenizer,
                             self.model.pair_mode(task), self.config.max_length)
             inputs = {k: v.to(self.device) for k, v in batch["inputs"].items()}
+            mask = batch["inputs"]["attention_mask"]
+            self.token_slots[task][0] += int(mask.sum())
+            self.token_slots[task][1] += mask.numel()
             with self._autocast():
                 scores = self.model(task, inputs)
             loss = self.model.loss(task, scores.float(), batch["labels"].to(self.device))
@@ -342,6 +346,7 @@ class Trainer:
         cfg = self.config
         plan = self.plans[self.epoch]
         window = {t: [0.0, 0] for t in cfg.tasks}  # loss sum, count since the last record
+        self.token_slots = {t: [0, 0] for t in cfg.tasks}  # real tokens, padded slots this epoch
         examples, started = 0, time.perf_counter()
         bar = tqdm(total=len(plan), initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                    disable=not cfg.progress, dynamic_ncols=True)
@@ -367,6 +372,10 @@ class Trainer:
             if self.on_step is not None:
                 self.on_step(self)
         bar.close()
+        padding = {t: 1.0 - real / slots for t, (real, slots) in self.token_slots.items() if slots}
+        logger.info("epoch %d padding (measured): %s", self.epoch + 1,
+                    ", ".join(f"{t} {100 * f:.1f}% of token slots" for t, f in padding.items()))
+        self._record(kind="padding", epoch=self.epoch, step=self.global_step, **padding)
         scores, predictions = self.evaluate()
         logger.info("epoch %d dev: %s", self.epoch + 1, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
         self._record(kind="dev", epoch=self.epoch + 1, step=self.global_step, **scores)
