@@ -365,11 +365,10 @@ def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softm
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
     lengths = cu_seqlens.diff()
     key_ok = torch.arange(max_seqlen, device=q.device) < lengths[:, None]  # (B, max_seqlen)
-    tokens = key_ok.reshape(-1).nonzero().squeeze(1)  # (T,) padded position of each packed token
+    rows, positions = key_ok.nonzero(as_tuple=True)  # (T,) each: the padded place of each packed token
 
     def padded(t):  # (B, heads, max_seqlen, head_dim)
-        return t.new_zeros(B * max_seqlen, heads, head_dim).index_copy(0, tokens, t).view(
-            B, max_seqlen, heads, head_dim).transpose(1, 2)
+        return t.new_zeros(B, max_seqlen, heads, head_dim).index_put_((rows, positions), t).transpose(1, 2)
 
     q_p, k_p, v_p = padded(q), padded(k), padded(v)
     if dropout_p > 0:
@@ -378,7 +377,7 @@ def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softm
         context = F.dropout(torch.softmax(scores, dim=-1), dropout_p) @ v_p
     else:
         context = F.scaled_dot_product_attention(q_p, k_p, v_p, attn_mask=key_ok[:, None, None, :], scale=scale)
-    return context.transpose(1, 2).reshape(B * max_seqlen, heads, head_dim)[tokens]
+    return context.transpose(1, 2)[rows, positions]  # (T, heads, head_dim)
 
 
 def padded_attention_torch(q, k, v, key_lengths, dropout_p=0.0, softmax_scale=None):
