@@ -4,6 +4,9 @@ import contextlib
 import pytest
 import torch
 
+# The Triton kernels run natively on a GPU and in Triton's interpreter (tests/conftest.py) otherwise.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 # (dtype, atol, rtol) against a float64 reference computed on the same (rounded) inputs.
 DTYPE_TOLERANCES = [
     pytest.param(torch.float32, 2e-5, 2e-5, id="float32"),
@@ -32,5 +35,5 @@ def nan_poisoned_allocations():
 
 
 def leaf(tensor, dtype=None):
-    """A detached copy (optionally cast) that requires grad."""
-    return tensor.detach().to(dtype or tensor.dtype).clone().requires_grad_()
+    """A detached copy on DEVICE (optionally cast) that requires grad."""
+    return tensor.detach().to(DEVICE, dtype or tensor.dtype).clone().requires_grad_()

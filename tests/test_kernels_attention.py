@@ -3,7 +3,7 @@ against a float64 per-sequence matmul-softmax-matmul reference."""
 import pytest
 import torch
 
-from kernel_testing import DTYPE_TOLERANCES, leaf, nan_poisoned_allocations
+from kernel_testing import DEVICE, DTYPE_TOLERANCES, leaf, nan_poisoned_allocations
 from mtbert import kernels
 from mtbert.kernels.attention import (attention_forward, attention_reference, padded_attention_torch,
                                       padded_attention_triton, varlen_attention_torch, varlen_attention_triton)
@@ -13,12 +13,12 @@ BATCHES = [([1, 70, 17], 3), ([33], 1), ([5, 64], 4), ([2, 1, 49], 2), ([70], 4)
 
 
 def cu_seqlens_of(lengths):
-    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
 
 
 def packed_inputs(lengths, heads, head_dim, dtype):
     T = sum(lengths)
-    return [torch.randn(T, heads, head_dim, dtype=torch.float64).to(dtype) for _ in range(3)]
+    return [torch.randn(T, heads, head_dim, dtype=torch.float64).to(DEVICE, dtype) for _ in range(3)]
 
 
 def assert_grads_close(ours, reference, atol, rtol):
@@ -42,7 +42,7 @@ def test_varlen_matches_float64_reference(head_dim, dtype, atol, rtol):
     lengths, heads = BATCHES[(head_dim // 32 + 2 * [torch.float32, torch.float16, torch.bfloat16].index(dtype)) % 6]
     cu_seqlens = cu_seqlens_of(lengths)
     inputs = [leaf(t) for t in packed_inputs(lengths, heads, head_dim, dtype)]
-    grad_out = torch.randn(sum(lengths), heads, head_dim, dtype=torch.float64).to(dtype)
+    grad_out = torch.randn(sum(lengths), heads, head_dim, dtype=torch.float64).to(DEVICE, dtype)
     scale = 0.3
     with nan_poisoned_allocations():
         out = varlen_attention_triton(*inputs, cu_seqlens, max(lengths), softmax_scale=scale)
@@ -71,13 +71,13 @@ def test_padded_ignores_padding_keys(dtype, head_dim, key_lengths):
     computed; a sequence without keys gives zeros and zero gradients."""
     B, L, heads = len(key_lengths), 37, 2
     atol = rtol = 2e-5 if dtype == torch.float32 else 4e-2
-    q, k, v = (torch.randn(B, L, heads, head_dim, dtype=torch.float64).to(dtype) for _ in range(3))
-    lengths = torch.tensor(key_lengths, dtype=torch.int32)
+    q, k, v = (torch.randn(B, L, heads, head_dim, dtype=torch.float64).to(DEVICE, dtype) for _ in range(3))
+    lengths = torch.tensor(key_lengths, dtype=torch.int32, device=DEVICE)
     for t in (k, v):
         for b, n in enumerate(key_lengths):
             t[b, n:] = float("nan")
     inputs = [leaf(t) for t in (q, k, v)]
-    grad_out = torch.randn(B, L, heads, head_dim).to(dtype)
+    grad_out = torch.randn(B, L, heads, head_dim).to(DEVICE, dtype)
     with nan_poisoned_allocations():
         out = padded_attention_triton(*inputs, lengths)
         out.backward(grad_out)
@@ -99,8 +99,8 @@ def dropout_keep_mask(lengths, heads, dropout_p, seed):
     head_dim = 64
     cu_seqlens = cu_seqlens_of(lengths)
     T = sum(lengths)
-    q = torch.zeros(T, heads, head_dim)
-    v = torch.zeros(T, heads, head_dim)
+    q = torch.zeros(T, heads, head_dim, device=DEVICE)
+    v = torch.zeros(T, heads, head_dim, device=DEVICE)
     for start, n in zip(cu_seqlens[:-1].tolist(), lengths):
         v[start + torch.arange(n), :, torch.arange(n)] = 1.0
     out, _ = attention_forward(q, q.clone(), v, cu_seqlens, max(lengths), dropout_p=dropout_p, seed=seed)
@@ -121,7 +121,7 @@ def test_dropout_same_mask_in_forward_and_backward():
     cu_seqlens = cu_seqlens_of(lengths)
     masks = dropout_keep_mask(lengths, heads, p, seed)
     inputs = [leaf(t) for t in packed_inputs(lengths, heads, 64, torch.float32)]
-    grad_out = torch.randn(sum(lengths), heads, 64)
+    grad_out = torch.randn(sum(lengths), heads, 64, device=DEVICE)
     out = varlen_attention_triton(*inputs, cu_seqlens, max(lengths), dropout_p=p, seed=seed)
     out.backward(grad_out)
     reference = [leaf(t, torch.float64) for t in inputs]
@@ -158,7 +158,7 @@ def test_cpu_path_matches_float64_reference(head_dim):
     lengths, heads = [1, 70, 17, 17, 5], 3
     cu_seqlens = cu_seqlens_of(lengths)
     inputs = [leaf(t) for t in packed_inputs(lengths, heads, head_dim, torch.float32)]
-    grad_out = torch.randn(sum(lengths), heads, head_dim)
+    grad_out = torch.randn(sum(lengths), heads, head_dim, device=DEVICE)
     out = varlen_attention_torch(*inputs, cu_seqlens, 70)
     out.backward(grad_out)
     reference = [leaf(t, torch.float64) for t in inputs]
@@ -181,8 +181,8 @@ def test_cpu_path_dropout_statistics():
 
 
 def test_padded_cpu_path_matches_reference():
-    key_lengths = torch.tensor([5, 0, 11], dtype=torch.int32)
-    q, k, v = (torch.randn(3, 11, 2, 16, dtype=torch.float64) for _ in range(3))
+    key_lengths = torch.tensor([5, 0, 11], dtype=torch.int32, device=DEVICE)
+    q, k, v = (torch.randn(3, 11, 2, 16, dtype=torch.float64, device=DEVICE) for _ in range(3))
     torch.testing.assert_close(padded_attention_torch(q, k, v, key_lengths),
                                attention_reference(q, k, v, key_lengths=key_lengths))
 
@@ -203,8 +203,7 @@ def test_dispatch_override(monkeypatch):
 
 
 def _bad(**changes):
-    q = torch.randn(10, 2, 32)
-    args = dict(q=q, k=torch.randn(10, 2, 32), v=torch.randn(10, 2, 32),
+    args = dict(q=torch.randn(10, 2, 32), k=torch.randn(10, 2, 32), v=torch.randn(10, 2, 32),
                 cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32), max_seqlen=6)
     args.update(changes)
     return args
@@ -224,11 +223,14 @@ def _bad(**changes):
 ], ids=["q-dtype", "q-dims", "k-non-contiguous", "v-dtype", "v-device", "cu_seqlens-dtype", "max_seqlen",
         "head_dim", "dropout_p", "softmax_scale"])
 def test_bad_inputs_raise_value_error_naming_the_argument(args, argument):
+    args = {name: value.to(DEVICE) if isinstance(value, torch.Tensor) and value.device.type != "meta" else value
+            for name, value in args.items()}
     with pytest.raises(ValueError, match=argument):
         varlen_attention_triton(**args)
 
 
 def test_nan_input_raises_under_anomaly_detection():
-    args = _bad(k=torch.full((10, 2, 32), float("nan")))
+    args = {name: value.to(DEVICE) if isinstance(value, torch.Tensor) else value
+            for name, value in _bad(k=torch.full((10, 2, 32), float("nan"))).items()}
     with torch.autograd.set_detect_anomaly(True), pytest.raises(ValueError, match="k contains NaN"):
         varlen_attention_triton(**args)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernel_testing import DTYPE_TOLERANCES, leaf, nan_poisoned_allocations
+from kernel_testing import DEVICE, DTYPE_TOLERANCES, leaf, nan_poisoned_allocations
 from mtbert.kernels.bias_gelu import bias_gelu_reference, bias_gelu_triton
 
 
@@ -11,7 +11,7 @@ from mtbert.kernels.bias_gelu import bias_gelu_reference, bias_gelu_triton
 def test_matches_float64_reference(shape, dtype, atol, rtol):
     x = torch.randn(shape, dtype=torch.float64) * 3
     bias = torch.randn(shape[-1], dtype=torch.float64)
-    grad_y = torch.randn(shape, dtype=torch.float64).to(dtype)
+    grad_y = torch.randn(shape, dtype=torch.float64).to(DEVICE, dtype)
     x_in, bias_in = leaf(x, dtype), leaf(bias, torch.float32)
     with nan_poisoned_allocations():
         y = bias_gelu_triton(x_in, bias_in)
@@ -29,7 +29,7 @@ def test_matches_float64_reference(shape, dtype, atol, rtol):
 
 def test_exact_erf_not_tanh_approximation():
     """At z = -3 the erf GELU is -0.004050 and the tanh approximation -0.003638."""
-    y = bias_gelu_triton(torch.tensor([[-3.0]]), torch.zeros(1))
+    y = bias_gelu_triton(torch.tensor([[-3.0]], device=DEVICE), torch.zeros(1, device=DEVICE))
     assert abs(y.item() - (-0.0040496)) < 1e-6
 
 

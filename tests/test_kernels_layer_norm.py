@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernel_testing import DTYPE_TOLERANCES, leaf, nan_poisoned_allocations
+from kernel_testing import DEVICE, DTYPE_TOLERANCES, leaf, nan_poisoned_allocations
 from mtbert import kernels
 from mtbert.kernels.layer_norm import add_layer_norm_forward, add_layer_norm_reference, add_layer_norm_triton
 
@@ -18,11 +18,11 @@ def run_and_compare(shape, dtype, atol, rtol, with_residual=True, eps=1e-5):
               leaf(bias, torch.float32)]
     with nan_poisoned_allocations():
         y = add_layer_norm_triton(*inputs, eps)
-        y.backward(grad_y.to(dtype))
+        y.backward(grad_y.to(DEVICE, dtype))
     # The reference sees the same rounded inputs, in float64.
     reference = [leaf(t.detach(), torch.float64) if t is not None else None for t in inputs]
     y_ref = add_layer_norm_reference(*reference, eps)
-    y_ref.backward(grad_y.to(dtype).double())
+    y_ref.backward(grad_y.to(DEVICE, dtype).double())
 
     assert y.dtype == dtype and y.shape == x.shape
     torch.testing.assert_close(y.double(), y_ref, atol=atol, rtol=rtol)
@@ -46,14 +46,15 @@ def test_without_residual():
 
 def test_constant_rows_are_finite():
     """A constant row has zero variance: eps keeps 1/std finite, the output is the bias."""
-    x = torch.full((4, 33), 2.5)
-    y = add_layer_norm_triton(x, None, torch.ones(33), torch.arange(33.0), 1e-12)
-    torch.testing.assert_close(y, torch.arange(33.0).expand(4, 33))
+    x = torch.full((4, 33), 2.5, device=DEVICE)
+    bias = torch.arange(33.0, device=DEVICE)
+    y = add_layer_norm_triton(x, None, torch.ones(33, device=DEVICE), bias, 1e-12)
+    torch.testing.assert_close(y, bias.expand(4, 33))
 
 
 def test_statistics_are_float32():
-    x = torch.randn(6, 40, dtype=torch.bfloat16)
-    _, mean, rstd = add_layer_norm_forward(x, None, torch.ones(40), torch.zeros(40), 1e-5)
+    x = torch.randn(6, 40, dtype=torch.bfloat16, device=DEVICE)
+    _, mean, rstd = add_layer_norm_forward(x, None, torch.ones(40, device=DEVICE), torch.zeros(40, device=DEVICE), 1e-5)
     assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == (6,)
     torch.testing.assert_close(mean, x.float().mean(-1))
 
@@ -61,8 +62,8 @@ def test_statistics_are_float32():
 def test_dispatch_broadcasts_residual(monkeypatch):
     """kernels.add_layer_norm accepts a residual broadcastable to x (the position embeddings)."""
     monkeypatch.setenv("MTBERT_KERNELS", "triton")
-    x, positions = torch.randn(2, 9, 48), torch.randn(9, 48)
-    weight, bias = torch.randn(48), torch.randn(48)
+    x, positions = torch.randn(2, 9, 48, device=DEVICE), torch.randn(9, 48, device=DEVICE)
+    weight, bias = torch.randn(48, device=DEVICE), torch.randn(48, device=DEVICE)
     torch.testing.assert_close(kernels.add_layer_norm(x, positions, weight, bias, 1e-12),
                                add_layer_norm_reference(x, positions, weight, bias, 1e-12))
 

@@ -40,7 +40,7 @@ def run(model, batch, unpad, loss_weights=None):
 def loss_weights_for(model, batch):
     mask = batch[1]
     H = model.config.hidden_size
-    return torch.randn(int(mask.sum()), H), torch.randn(mask.shape[0], H)
+    return torch.randn(int(mask.sum()), H, device=mask.device), torch.randn(mask.shape[0], H, device=mask.device)
 
 
 @pytest.mark.parametrize("lengths", [[1, 70, 17], [33], [5, 64, 64, 2], [3, 3, 3]], ids=str)
@@ -127,8 +127,9 @@ def test_dropout_statistics_match_padded_with_padding():
 def test_encoder_with_triton_kernels_equals_torch_path(monkeypatch, unpad):
     """Every kernel of the encoder interpreted by Triton (attention on the unpadded path, add +
     LayerNorm and bias+GELU on both) against the PyTorch path, outputs and gradients."""
-    model = BertModel(small_config(num_attention_heads=2, hidden_size=64)).eval()  # head_dim 32
-    batch = right_padded_batch([1, 13, 9])
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs CPU tensors
+    model = BertModel(small_config(num_attention_heads=2, hidden_size=64)).eval().to(device)  # head_dim 32
+    batch = [t.to(device) for t in right_padded_batch([1, 13, 9])]
     weights = loss_weights_for(model, batch)
     monkeypatch.setenv("MTBERT_KERNELS", "torch")
     expected, expected_grads = run(model, batch, unpad=unpad, loss_weights=weights)

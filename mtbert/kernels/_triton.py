@@ -75,6 +75,12 @@ def dot_in_float32(dtype: torch.dtype) -> bool:
     return INTERPRETED and dtype == torch.bfloat16
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision: exact float32 products for float32 inputs, as torch.matmul
+    does by default (Triton would otherwise use TF32 and lose ~3 digits); native for 16-bit."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import (FLOAT_DTYPES, attention_blocks, check_finite, check_launchable, check_tensor, dot_in_float32, jit, tl,
-                      triton)
+from ._triton import (FLOAT_DTYPES, attention_blocks, check_finite, check_launchable, check_tensor, dot_in_float32,
+                      dot_precision, jit, tl, triton)
 
 _LOG2E = 1.4426950408889634
 _TORCH_DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -60,7 +60,7 @@ def _attention_fwd_kernel(
     heads, total_tokens, padded_len, max_keys,
     qk_scale,  # softmax scale * log2(e)
     dropout_p, seed,
-    VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     batch = tl.program_id(1)
@@ -89,7 +89,7 @@ def _attention_fwd_kernel(
         if DOT_FP32:
             k_t = k_t.to(tl.float32)
             v = v.to(tl.float32)
-        scores = tl.where(key_ok[None, :], tl.dot(q, k_t) * qk_scale, float("-inf"))
+        scores = tl.where(key_ok[None, :], tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         probs = tl.exp2(scores - new_max[:, None])
         rescale = tl.exp2(row_max - new_max)
@@ -97,7 +97,7 @@ def _attention_fwd_kernel(
         if HAS_DROPOUT:
             keep = _keep_mask(seed, head, total_tokens, max_keys, (start + rows)[:, None], keys[None, :], dropout_p)
             probs = tl.where(keep, probs, 0.0)
-        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v)
+        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
         row_max = new_max
     has_keys = row_sum > 0.0  # False only for a padded sequence with no keys
     out = acc / tl.where(has_keys, row_sum, 1.0)[:, None]
@@ -133,7 +133,7 @@ def _attention_bwd_dkdv_kernel(
     cu_seqlens_ptr, key_lengths_ptr,
     heads, total_tokens, padded_len, max_keys,
     softmax_scale, qk_scale, dropout_p, seed,
-    VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     batch = tl.program_id(1)
@@ -169,18 +169,18 @@ def _attention_bwd_dkdv_kernel(
             lse = tl.load(lse_ptr + head * total_tokens + start + rows, mask=row_ok, other=0.0)
             delta = tl.load(delta_ptr + head * total_tokens + start + rows, mask=row_ok, other=0.0)
             valid = key_ok[:, None] & row_ok[None, :]
-            probs_t = tl.where(valid, tl.exp2(tl.dot(k, q_t) * qk_scale - lse[None, :]), 0.0)  # (BLOCK_N, BLOCK_M)
-            grad_probs_t = tl.dot(v, tl.trans(grad_out))  # (BLOCK_N, BLOCK_M)
+            probs_t = tl.where(valid, tl.exp2(tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale - lse[None, :]), 0.0)  # (BLOCK_N, BLOCK_M)
+            grad_probs_t = tl.dot(v, tl.trans(grad_out), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
             if HAS_DROPOUT:
                 keep_t = _keep_mask(seed, head, total_tokens, max_keys, (start + rows)[None, :], keys[:, None],
                                     dropout_p)
                 kept_scale = 1.0 / (1.0 - dropout_p)
-                grad_v += tl.dot(tl.where(keep_t, probs_t * kept_scale, 0.0).to(grad_out.dtype), grad_out)
+                grad_v += tl.dot(tl.where(keep_t, probs_t * kept_scale, 0.0).to(grad_out.dtype), grad_out, input_precision=DOT_PRECISION)
                 grad_probs_t = tl.where(keep_t, grad_probs_t * kept_scale, 0.0)
             else:
-                grad_v += tl.dot(probs_t.to(grad_out.dtype), grad_out)
+                grad_v += tl.dot(probs_t.to(grad_out.dtype), grad_out, input_precision=DOT_PRECISION)
             grad_scores_t = probs_t * (grad_probs_t - delta[None, :])
-            grad_k += tl.dot(grad_scores_t.to(q_t.dtype), tl.trans(q_t))
+            grad_k += tl.dot(grad_scores_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
     write_ok = (keys < k_rows)[:, None]
     tl.store(grad_k_ptr + kv_offsets, (grad_k * softmax_scale).to(grad_k_ptr.dtype.element_ty), mask=write_ok)
     tl.store(grad_v_ptr + kv_offsets, grad_v.to(grad_v_ptr.dtype.element_ty), mask=write_ok)
@@ -194,7 +194,7 @@ def _attention_bwd_dq_kernel(
     cu_seqlens_ptr, key_lengths_ptr,
     heads, total_tokens, padded_len, max_keys,
     softmax_scale, qk_scale, dropout_p, seed,
-    VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     batch = tl.program_id(1)
@@ -225,13 +225,13 @@ def _attention_bwd_dq_kernel(
             k_t = k_t.to(tl.float32)
             v_t = v_t.to(tl.float32)
         valid = row_ok[:, None] & key_ok[None, :]
-        probs = tl.where(valid, tl.exp2(tl.dot(q, k_t) * qk_scale - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
-        grad_probs = tl.dot(grad_out, v_t)
+        probs = tl.where(valid, tl.exp2(tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
+        grad_probs = tl.dot(grad_out, v_t, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = _keep_mask(seed, head, total_tokens, max_keys, (start + rows)[:, None], keys[None, :], dropout_p)
             grad_probs = tl.where(keep, grad_probs * (1.0 / (1.0 - dropout_p)), 0.0)
         grad_scores = probs * (grad_probs - delta[:, None])
-        grad_q += tl.dot(grad_scores.to(k_t.dtype), tl.trans(k_t))
+        grad_q += tl.dot(grad_scores.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
     tl.store(grad_q_ptr + q_offsets, (grad_q * softmax_scale).to(grad_q_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -285,7 +285,7 @@ def attention_forward(q, k, v, cu_seqlens=None, max_seqlen=None, key_lengths=Non
         q, k, v, out, lse, lengths_ptr, lengths_ptr,
         heads, total_tokens, padded_len, max_keys, scale * _LOG2E, dropout_p, seed,
         VARLEN=cu_seqlens is not None, HAS_DROPOUT=dropout_p > 0, DOT_FP32=dot_in_float32(q.dtype),
-        HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages,
+        DOT_PRECISION=dot_precision(q.dtype), HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
 
@@ -307,7 +307,7 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens=None, max_seqlen=
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     lengths_ptr = cu_seqlens if key_lengths is None else key_lengths
     common = dict(VARLEN=cu_seqlens is not None, HAS_DROPOUT=dropout_p > 0, DOT_FP32=dot_in_float32(q.dtype),
-                  HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages)
+                  DOT_PRECISION=dot_precision(q.dtype), HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages)
     scalars = (heads, total_tokens, padded_len, max_keys, scale, scale * _LOG2E, dropout_p, seed)
     _attention_bwd_dkdv_kernel[(triton.cdiv(max_keys, BLOCK_N), B, heads)](
         q, k, v, grad_out, lse, delta, grad_k, grad_v, lengths_ptr, lengths_ptr, *scalars, **common)

@@ -76,6 +76,7 @@ def bias_gelu_forward(x, bias):
     """y = GELU(x + bias). x: [..., N] contiguous float32/float16/bfloat16; bias: [N], any float
     dtype. Returns y in x's dtype and shape."""
     _check_inputs(x, bias)
+    check_launchable("x", x)
     N = x.shape[-1]
     M = x.numel() // N
     y = torch.empty_like(x)
@@ -110,7 +111,6 @@ class BiasGeluFunction(torch.autograd.Function):
 
 def bias_gelu_triton(x, bias):
     """The Triton op with autograd; same contract as :func:`bias_gelu_reference`."""
-    check_launchable("x", x)
     return BiasGeluFunction.apply(x, bias)
 
 

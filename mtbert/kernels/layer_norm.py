@@ -112,6 +112,7 @@ def add_layer_norm_forward(x, residual, weight, bias, eps):
     N = x.shape[-1]
     M = x.numel() // N
     BLOCK_N, num_warps = row_block(N, "x")
+    check_launchable("x", x)
     y = torch.empty_like(x)
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
@@ -164,7 +165,6 @@ class AddLayerNormFunction(torch.autograd.Function):
 
 def add_layer_norm_triton(x, residual, weight, bias, eps):
     """The Triton op with autograd; same contract as :func:`add_layer_norm_reference`."""
-    check_launchable("x", x)
     return AddLayerNormFunction.apply(x, residual, weight, bias, eps)
 
 
