@@ -53,7 +53,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
     cu_seqlens: [B + 1] int32 token offsets; max_seqlen: an int >= every length. Dropout with
     probability ``dropout_p`` applies to the attention probabilities (pass 0 in eval mode).
     Returns [T, heads, head_dim]."""
-    if use_triton(q):
+    if use_triton(q):  # the kernels read [T, heads, head_dim] rows densely
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         return _attention.varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
     return _attention.varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
 
@@ -63,5 +64,6 @@ def padded_attention(q, k, v, key_lengths, dropout_p=0.0, softmax_scale=None):
     int32, keys at positions >= key_lengths[b] are ignored (every query row is computed; a row
     with no keys gives zeros). Returns [B, L, heads, head_dim]."""
     if use_triton(q):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         return _attention.padded_attention_triton(q, k, v, key_lengths, dropout_p, softmax_scale)
     return _attention.padded_attention_torch(q, k, v, key_lengths, dropout_p, softmax_scale)

@@ -84,9 +84,9 @@ def dot_precision(dtype: torch.dtype) -> str:
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_tensor(name: str, tensor, dims=None, dtypes=FLOAT_DTYPES, like=None, shape=None):
-    """Raises ValueError naming ``name`` unless ``tensor`` is a contiguous tensor with ``dims``
-    dimensions (or exactly ``shape``), one of ``dtypes``, on the device of ``like``."""
+def check_tensor(name: str, tensor, dims=None, dtypes=FLOAT_DTYPES, like=None, shape=None, contiguous=True):
+    """Raises ValueError naming ``name`` unless ``tensor`` is a tensor with ``dims`` dimensions (or
+    exactly ``shape``), one of ``dtypes``, on the device of ``like``, contiguous if asked."""
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if dims is not None and tensor.dim() not in ((dims,) if isinstance(dims, int) else dims):
@@ -97,7 +97,7 @@ def check_tensor(name: str, tensor, dims=None, dtypes=FLOAT_DTYPES, like=None, s
         raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {tensor.dtype}")
     if like is not None and tensor.device != like.device:
         raise ValueError(f"{name} must be on {like.device}, got {tensor.device}")
-    if not tensor.is_contiguous():
+    if contiguous and not tensor.is_contiguous():
         raise ValueError(f"{name} must be contiguous, got strides {tensor.stride()} for shape {tuple(tensor.shape)}")
 
 

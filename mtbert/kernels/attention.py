@@ -235,15 +235,16 @@ def _attention_bwd_dq_kernel(
     tl.store(grad_q_ptr + q_offsets, (grad_q * softmax_scale).to(grad_q_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _check_inputs(q, k, v, cu_seqlens, max_seqlen, key_lengths, dropout_p, softmax_scale, dtypes=FLOAT_DTYPES):
+def _check_inputs(q, k, v, cu_seqlens, max_seqlen, key_lengths, dropout_p, softmax_scale, dtypes=FLOAT_DTYPES,
+                  contiguous=True):
     """Validates either layout; returns (batch, padded_len or 0, max keys per sequence)."""
     varlen = cu_seqlens is not None
     if varlen == (key_lengths is not None):
         raise ValueError("pass exactly one of cu_seqlens (packed [T, heads, head_dim] inputs) and key_lengths "
                          "(padded [B, L, heads, head_dim] inputs)")
-    check_tensor("q", q, dims=3 if varlen else 4, dtypes=dtypes)
-    check_tensor("k", k, dtypes=(q.dtype,), like=q, shape=q.shape)
-    check_tensor("v", v, dtypes=(q.dtype,), like=q, shape=q.shape)
+    check_tensor("q", q, dims=3 if varlen else 4, dtypes=dtypes, contiguous=contiguous)
+    check_tensor("k", k, dtypes=(q.dtype,), like=q, shape=q.shape, contiguous=contiguous)
+    check_tensor("v", v, dtypes=(q.dtype,), like=q, shape=q.shape, contiguous=contiguous)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if softmax_scale is not None and not softmax_scale > 0:
@@ -359,7 +360,7 @@ def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softm
     Without dropout it is ``scaled_dot_product_attention`` with a key mask; with dropout, the plain
     matmul-softmax-dropout-matmul, i.e. Hugging Face's eager attention, whose dropout draws the
     same random numbers in the same order."""
-    _check_inputs(q, k, v, cu_seqlens, max_seqlen, None, dropout_p, softmax_scale, _TORCH_DTYPES)
+    _check_inputs(q, k, v, cu_seqlens, max_seqlen, None, dropout_p, softmax_scale, _TORCH_DTYPES, contiguous=False)
     T, heads, head_dim = q.shape
     B = cu_seqlens.numel() - 1
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
@@ -382,7 +383,7 @@ def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softm
 
 def padded_attention_torch(q, k, v, key_lengths, dropout_p=0.0, softmax_scale=None):
     """Padded attention in PyTorch (``scaled_dot_product_attention`` with a key mask)."""
-    _check_inputs(q, k, v, None, None, key_lengths, dropout_p, softmax_scale, _TORCH_DTYPES)
+    _check_inputs(q, k, v, None, None, key_lengths, dropout_p, softmax_scale, _TORCH_DTYPES, contiguous=False)
     B, L = q.shape[:2]
     key_ok = torch.arange(L, device=q.device) < key_lengths[:, None]  # (B, L)
     has_keys = key_lengths > 0
