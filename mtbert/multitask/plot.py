@@ -24,6 +24,7 @@ def plot_metrics(run_dir, output=None) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     records = read_metrics(run_dir)
     output = Path(output) if output else Path(run_dir) / "metrics.png"
@@ -41,6 +42,7 @@ def plot_metrics(run_dir, output=None) -> Path:
         if points:
             dev_axes.plot(*zip(*points), marker="o", label=name)
     dev_axes.set(xlabel="epoch", ylabel="dev score", title="dev metrics per epoch")
+    dev_axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     if dev:
         dev_axes.legend()
     figure.tight_layout()
