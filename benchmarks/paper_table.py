@@ -1,0 +1,165 @@
+"""Reproduces the configurations of "Multitasking with BERT" (CS224N) as rows of one table.
+
+Each row is one short ``mtbert.train`` run (``mtbert.train.main(argv)``, no training code here) on
+a seeded subset of the CS224N files: ``--steps S`` optimizer steps of ``--batch-size B`` examples
+per task (round-robin, so each task gets ``S·B`` seeded training examples, fewer where the file is
+smaller and that task cycles). Dev scores are on the full dev sets unless ``--max-dev-examples``.
+After every row the markdown table (``--output``) is rewritten, so a killed run keeps the rows it
+finished; results are merged by row name with those of earlier invocations (kept in a JSON file
+next to the table), so ``--rows`` can add or redo single rows.
+
+    python benchmarks/paper_table.py --steps 120                     # every row
+    python benchmarks/paper_table.py --rows sbert,pcgrad --steps 120
+    python benchmarks/paper_table.py --list
+
+Runs on one thread by default (``--threads``): on a shared machine competing thread pools made
+training steps ~30× slower.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Shared by every row: the paper's fine-tuning recipe at a step count a CPU affords.
+COMMON = ["--epochs", "1", "--hidden_dropout_prob", "0.1", "--schedule", "linear", "--warmup", "0.1"]
+FINETUNE_LR = ["--option", "finetune", "--lr", "1e-4"]
+
+# (name, what the row tests, flags on top of COMMON). Order follows the paper's ablations.
+ROWS = [
+    ("pretrain", "pretrain-only baseline: frozen encoder, concat heads, STS MSE, sum",
+     ["--option", "pretrain", "--lr", "1e-3", "--para-head", "concat", "--sts-head", "concat",
+      "--sts-loss", "mse", "--grad-method", "sum"]),
+    ("sum", "multitask fine-tuning, concat heads, STS MSE, gradients summed",
+     FINETUNE_LR + ["--para-head", "concat", "--sts-head", "concat", "--sts-loss", "mse", "--grad-method", "sum"]),
+    ("cosine", "cosine pair heads, STS MSE, sum",
+     FINETUNE_LR + ["--para-head", "cosine", "--sts-head", "cosine", "--sts-loss", "mse", "--grad-method", "sum"]),
+    ("sbert", "SBERT pair heads (u, v, |u−v|), STS MSE, sum",
+     FINETUNE_LR + ["--para-head", "sbert", "--sts-head", "sbert", "--sts-loss", "mse", "--grad-method", "sum"]),
+    ("sbert-ce", "SBERT heads, STS uniform cross-entropy, sum",
+     FINETUNE_LR + ["--para-head", "sbert", "--sts-head", "sbert", "--sts-loss", "ce", "--grad-method", "sum"]),
+    ("main-aux", "SBERT heads, STS CE, main (SST) + 0.3·aux instead of even sum",
+     FINETUNE_LR + ["--para-head", "sbert", "--sts-head", "sbert", "--sts-loss", "ce", "--grad-method", "main-aux",
+                    "--main-task", "sst", "--aux-weight", "0.3"]),
+    ("pcgrad", "SBERT heads, STS CE, PCGrad (the paper's final setup)",
+     FINETUNE_LR + ["--para-head", "sbert", "--sts-head", "sbert", "--sts-loss", "ce", "--grad-method", "pcgrad"]),
+    ("cross", "cross-encoder pair heads, STS CE, PCGrad",
+     FINETUNE_LR + ["--para-head", "cross", "--sts-head", "cross", "--sts-loss", "ce", "--grad-method", "pcgrad"]),
+    ("cosent", "cross paraphrase head, cosine STS head with CoSENT, PCGrad (the `make demo` setup)",
+     FINETUNE_LR + ["--para-head", "cross", "--sts-head", "cosine", "--sts-loss", "cosent", "--grad-method", "pcgrad"]),
+]
+ROW_NAMES = [name for name, _, _ in ROWS]
+
+
+def train_argv(flags, data, out, steps, batch_size, seed, max_dev_examples=None):
+    """The ``mtbert.train`` argument list of one row."""
+    argv = ["--data", str(data), "--out", str(out), *COMMON, *flags, "--batch_size", str(batch_size),
+            "--max-train-examples", str(steps * batch_size), "--seed", str(seed), "--save-every", "0",
+            "--no-progress"]
+    if max_dev_examples:
+        argv += ["--max-dev-examples", str(max_dev_examples)]
+    return argv
+
+
+def final_record(out):
+    """The run's best dev scores and its step count: the ``final`` record of its metrics.jsonl."""
+    records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line]
+    return [r for r in records if r["kind"] == "final"][-1]
+
+
+def render(results, header) -> str:
+    from mtbert.train import PAPER_DEV
+
+    lines = [header, "",
+             "| row | configuration | steps | SST acc | Quora acc | STS Pearson | overall | wall time |",
+             "|---|---|---|---|---|---|---|---|"]
+    order = {name: i for i, name in enumerate(ROW_NAMES)}
+    ranked = sorted(results.values(), key=lambda r: (order.get(r["row"], len(order)), r["row"]))
+    for r in ranked:
+        s = r["scores"]
+        lines.append(f"| {r['row']} | {r['description']} | {r['steps']} | {s['sst_acc']:.3f} | {s['para_acc']:.3f} "
+                     f"| {s['sts_pearson']:.3f} | {s['overall']:.3f} | {r['wall_s'] / 60:.1f} min |")
+    p = PAPER_DEV
+    lines.append(f"| paper | BERT-base, GPU, full data (reported) | – | {p['sst_acc']:.3f} | {p['para_acc']:.3f} "
+                 f"| {p['sts_pearson']:.3f} | {p['overall']:.3f} | – |")
+    lines += ["", "Commands (`python -m mtbert.train ...`, run with OMP_NUM_THREADS=1):", ""]
+    lines += [f"- {r['row']}: `{' '.join(r['argv'])}`" for r in ranked]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default=",".join(ROW_NAMES),
+                        help="comma-separated rows to run (default: all): " + ", ".join(ROW_NAMES))
+    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per row (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per task per step (default: %(default)s)")
+    parser.add_argument("--data", default=os.environ.get("MTBERT_DATA", str(REPO.parent / "shared" / "data")),
+                        help="CS224N data directory (default: $MTBERT_DATA or ../shared/data)")
+    parser.add_argument("--max-dev-examples", type=int, help="evaluate on at most N dev examples per task")
+    parser.add_argument("--seed", type=int, default=11711, help="(default: %(default)s)")
+    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "paper_table.md"),
+                        help="markdown table (default: %(default)s); results also go to the same name .json")
+    parser.add_argument("--runs", default=str(REPO / "runs" / "paper_table"),
+                        help="directory of the rows' training outputs (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    parser.add_argument("--list", action="store_true", help="print the rows and exit")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.list:
+        for name, description, flags in ROWS:
+            print(f"{name:10s} {description}\n{'':10s} {' '.join(flags)}")
+        return 0
+    rows = [name.strip() for name in args.rows.split(",") if name.strip()]
+    unknown = [name for name in rows if name not in ROW_NAMES]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose among {ROW_NAMES}")
+    if not (Path(args.data) / "ids-sst-train.csv").is_file():
+        raise SystemExit(f"no CS224N data in {args.data}: point --data or $MTBERT_DATA at it "
+                         "(python -m mtbert.data download --to DIR fetches it)")
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+
+    from mtbert import train
+
+    torch.set_num_threads(args.threads)
+    output = Path(args.output)
+    store = output.with_suffix(".json")
+    results = json.loads(store.read_text()) if store.is_file() else {}
+    header = ("# Paper configurations on all-MiniLM-L6-v2 (CPU, short runs)\n\n"
+              "Dev scores of `benchmarks/paper_table.py` rows: each row fine-tunes all-MiniLM-L6-v2 for the given "
+              "number of optimizer steps (one batch of 16 per task per step, seeded training subsets), one "
+              "epoch with linear decay and 10% warm-up, dropout 0.1, on a 2-core CPU shared with other jobs "
+              "(one torch thread); wall time includes loading and dev evaluation. These runs are far shorter "
+              "than the paper's (BERT-base, GPU, several epochs on all data), so compare rows with each other.")
+    flags_of = {name: (description, flags) for name, description, flags in ROWS}
+    for name in rows:
+        description, flags = flags_of[name]
+        out = Path(args.runs) / name
+        argv_row = train_argv(flags, args.data, out, args.steps, args.batch_size, args.seed, args.max_dev_examples)
+        print(f"== {name}: python -m mtbert.train {' '.join(argv_row)}", flush=True)
+        started = time.perf_counter()
+        if out.exists():
+            shutil.rmtree(out)  # a fresh run, never a resumed or appended one
+        train.main(argv_row)
+        wall = time.perf_counter() - started
+        final = final_record(out)
+        scores = {k: final[k] for k in ("sst_acc", "para_acc", "sts_pearson", "sts_spearman", "overall")}
+        results[name] = {"row": name, "description": description, "argv": argv_row, "steps": final["step"],
+                         "wall_s": wall, "scores": scores}
+        output.parent.mkdir(parents=True, exist_ok=True)
+        store.write_text(json.dumps(results, indent=1) + "\n")
+        output.write_text(render(results, header))
+        print(f"== {name}: {wall / 60:.1f} min, {scores}", flush=True)
+    print(output.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""benchmarks/paper_table.py: every row's argument list is a valid `mtbert.train` command (the
+train CLI's own parser and TrainConfig validation), with the configuration the row names, and
+the table renders every finished row."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import paper_table  # noqa: E402
+
+from mtbert.train import build_parser, config_from_args  # noqa: E402
+
+
+@pytest.mark.parametrize("name", paper_table.ROW_NAMES)
+def test_row_parses_into_train_config(name, tmp_path):
+    _, _, flags = next(row for row in paper_table.ROWS if row[0] == name)
+    argv = paper_table.train_argv(flags, tmp_path / "data", tmp_path / "out", steps=7, batch_size=3, seed=5,
+                                  max_dev_examples=11)
+    config = config_from_args(build_parser().parse_args(argv))
+    assert config.max_train_examples == 21 and config.batch_size == 3 and config.seed == 5
+    assert config.max_dev_examples == 11 and config.epochs == 1 and config.out == str(tmp_path / "out")
+    options = dict(zip(flags[::2], flags[1::2]))  # every row flag takes one value
+    assert config.option == options["--option"] and config.lr == float(options["--lr"])
+    assert (config.para_head, config.sts_head, config.sts_loss, config.grad_method) == (
+        options["--para-head"], options["--sts-head"], options["--sts-loss"], options["--grad-method"])
+
+
+def test_rows_cover_the_papers_ablations():
+    configs = {name: dict(zip(flags[::2], flags[1::2])) for name, _, flags in paper_table.ROWS}
+    assert configs["pretrain"]["--option"] == "pretrain"
+    assert {c["--grad-method"] for c in configs.values()} == {"sum", "main-aux", "pcgrad"}
+    assert {c["--sts-head"] for c in configs.values()} >= {"concat", "cosine", "sbert", "cross"}
+    assert {c["--sts-loss"] for c in configs.values()} >= {"mse", "ce", "cosent"}
+
+
+def test_render_lists_rows_in_table_order_with_wall_time():
+    scores = {"sst_acc": 0.4, "para_acc": 0.7, "sts_pearson": 0.8, "sts_spearman": 0.79, "overall": 0.65}
+    results = {name: {"row": name, "description": name, "argv": ["--x"], "steps": 9, "wall_s": 90.0, "scores": scores}
+               for name in ("pcgrad", "pretrain")}
+    lines = paper_table.render(results, "# t").splitlines()
+    table = [line for line in lines if line.startswith("| pretrain") or line.startswith("| pcgrad")]
+    assert table[0].startswith("| pretrain") and table[1].startswith("| pcgrad")
+    assert "| 9 | 0.400 | 0.700 | 0.800 | 0.650 | 1.5 min |" in table[0]
+    assert any(line.startswith("| paper") for line in lines)
