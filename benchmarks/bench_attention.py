@@ -5,7 +5,9 @@ naive matmul-softmax-matmul attention of minBERT.
 GPU (bfloat16): B = 32/64, L = 64/128/512 (every sequence full, so SDPA's flash backend applies),
 head dims 32 and 64 with 12 heads, against SDPA's flash and memory-efficient backends and the
 naive attention; plus SST-like variable lengths (B = 32, L <= 64) against SDPA with a key mask.
-CPU (float32): the SST-like batch only. Throughput counts the FLOPs of the real tokens only:
+CPU (float32): the SST-like batch only, with the two other ways to run packed sequences in
+PyTorch that mtbert's CPU path was chosen against: one SDPA call per length bucket, and SDPA on
+nested (jagged) tensors. Throughput counts the FLOPs of the real tokens only:
 forward 4·h·d·Σ len², backward 2.5 times that. Every implementation's output and gradients are
 checked against the float32 naive attention before timing.
 
@@ -40,6 +42,30 @@ def naive(q, k, v, key_ok, scale):
     bias = torch.zeros(key_ok.shape, dtype=q.dtype, device=q.device).masked_fill(~key_ok, torch.finfo(q.dtype).min)
     probs = torch.softmax(q @ k.transpose(-1, -2) * scale + bias[:, None, None, :], dim=-1)
     return probs @ v
+
+
+def sdpa_per_length_bucket(q, k, v, cu_seqlens, scale):
+    """Packed attention as one SDPA call per distinct sequence length (the sequences of a bucket
+    gathered into one [n, heads, len, d] batch)."""
+    heads, head_dim = q.shape[1:]
+    offsets = cu_seqlens.tolist()
+    starts = torch.tensor(offsets[:-1], device=q.device)
+    lengths = cu_seqlens.diff()
+    bucket_tokens, contexts = [], []
+    for length in lengths.unique().tolist():
+        tokens = (starts[lengths == length][:, None] + torch.arange(length, device=q.device)).reshape(-1)
+        q_b, k_b, v_b = (t[tokens].view(-1, length, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+        contexts.append(F.scaled_dot_product_attention(q_b, k_b, v_b, scale=scale).transpose(1, 2).reshape(
+            -1, heads, head_dim))
+        bucket_tokens.append(tokens)
+    return torch.empty_like(q).index_copy(0, torch.cat(bucket_tokens), torch.cat(contexts))
+
+
+def sdpa_nested(q, k, v, cu_seqlens, scale):
+    """Packed attention as SDPA on jagged nested tensors [B, heads, j, d]."""
+    offsets = cu_seqlens.long()
+    q_n, k_n, v_n = (torch.nested.nested_tensor_from_jagged(t, offsets=offsets).transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q_n, k_n, v_n, scale=scale).transpose(1, 2).values()
 
 
 def make_case(lengths, L, head_dim):
@@ -78,12 +104,15 @@ def implementations(case):
     else:
         impls["torch SDPA (key mask)"] = heads_first(lambda q, k, v: F.scaled_dot_product_attention(
             q, k, v, attn_mask=key_ok[:, None, None, :], scale=scale))
+    if not GPU:
+        impls["packed: SDPA per length bucket"] = lambda q, k, v: sdpa_per_length_bucket(q, k, v, case["cu_seqlens"], scale)
+        impls["packed: nested-tensor SDPA"] = lambda q, k, v: sdpa_nested(q, k, v, case["cu_seqlens"], scale)
     return impls
 
 
 def run_case(benchmark, group, case, impl):
     fn = implementations(case)[impl]
-    packed = impl.startswith("mtbert")
+    packed = impl.startswith(("mtbert", "packed"))
     inputs = [t.detach().clone().requires_grad_() for t in case["packed" if packed else "padded"]]
     grad = case["grad"].reshape(-1, *case["grad"].shape[2:])[case["tokens"]] if packed else case["grad"]
 
@@ -112,8 +141,9 @@ def run_case(benchmark, group, case, impl):
     head_dim = case["padded"][0].shape[-1]
     flops = 3.5 * 4 * HEADS * head_dim * sum(n * n for n in lengths)
     benchmark.group = group
-    benchmark.extra_info.update(impl=impl, baseline=impl.startswith("torch SDPA"), items=flops / 1e12,
-                                item_name="TFLOP")
+    unit, scale = ("TFLOP", 1e12) if GPU else ("GFLOP", 1e9)
+    benchmark.extra_info.update(impl=impl, baseline=impl.startswith("torch SDPA"), items=flops / scale,
+                                item_name=unit)
     benchmark.pedantic(step, rounds=20 if GPU else 5, iterations=1, warmup_rounds=2)
 
 
@@ -127,8 +157,8 @@ def test_attention_full_lengths(benchmark, shape, impl):
 
 
 @pytest.mark.parametrize("shape", SST_SHAPES, ids=lambda s: "B{}-d{}".format(*s))
-@pytest.mark.parametrize("impl", ["torch SDPA (key mask)", "naive matmul-softmax-matmul (minBERT)",
-                                  "mtbert varlen_attention"])
+@pytest.mark.parametrize("impl", ["torch SDPA (key mask)", "naive matmul-softmax-matmul (minBERT)", "mtbert varlen_attention"]
+                         + ([] if GPU else ["packed: SDPA per length bucket", "packed: nested-tensor SDPA"]))
 def test_attention_sst_lengths(benchmark, shape, impl):
     B, head_dim = shape
     torch.manual_seed(0)

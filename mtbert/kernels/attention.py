@@ -353,9 +353,9 @@ def padded_attention_triton(q, k, v, key_lengths, dropout_p=0.0, softmax_scale=N
 
 def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None):
     """Packed attention in PyTorch, the CPU path: the packed q, k, v are padded to [B, max_seqlen]
-    for attention only, and the real rows gathered back. Measured on 2 CPU cores (MiniLM shapes,
-    benchmarks/README.md) this beats one SDPA call per length bucket, which launches many small
-    ops, and nested-tensor SDPA, which is several times slower.
+    for attention only, and the real rows gathered back. On 2 CPU cores (MiniLM shapes, see
+    benchmarks/README.md) this was as fast as one SDPA call per length bucket on a quiet machine
+    and faster in the whole training step; SDPA on nested tensors was several times slower.
 
     Without dropout it is ``scaled_dot_product_attention`` with a key mask; with dropout, the plain
     matmul-softmax-dropout-matmul, i.e. Hugging Face's eager attention, whose dropout draws the
