@@ -43,7 +43,7 @@ def can_launch(tensor: torch.Tensor) -> bool:
 
 def check_launchable(name: str, tensor: torch.Tensor):
     if not can_launch(tensor):
-        reason = "Triton is not installed" if triton is None else (
+        reason = f"{name} cannot go to the Triton kernels: Triton is not installed" if triton is None else (
             f"{name} is on {tensor.device}: the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set "
             "before importing mtbert")
         raise ValueError(reason)
