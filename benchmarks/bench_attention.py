@@ -116,20 +116,27 @@ def run_case(benchmark, group, case, impl):
     inputs = [t.detach().clone().requires_grad_() for t in case["packed" if packed else "padded"]]
     grad = case["grad"].reshape(-1, *case["grad"].shape[2:])[case["tokens"]] if packed else case["grad"]
 
-    # Numerics: output and gradients at the real tokens against the float32 naive attention.
-    reference_inputs = [t.detach().float().requires_grad_() for t in case["padded"]]
-    reference = implementations(case)["naive matmul-softmax-matmul (minBERT)"](*reference_inputs)
-    reference.backward(case["grad"].float())
-    out = fn(*inputs)
-    out.backward(grad)
-    tol = dict(atol=3e-2, rtol=3e-2) if DTYPE == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+    # Numerics: output and gradients at the real tokens against the float32 naive attention. The
+    # allowed error is FlashAttention's criterion: at most twice that of the naive attention run
+    # in the benchmark's dtype (bfloat16 on a GPU), with a small floor.
+    def run(impl_fn, tensors, grad_out):
+        tensors = [t.detach().clone().requires_grad_() for t in tensors]
+        out = impl_fn(*tensors)
+        out.backward(grad_out)
+        return [out] + [t.grad for t in tensors]
 
     def real(t, is_packed):
-        return t if is_packed else t.reshape(-1, *t.shape[2:])[case["tokens"]]
+        return (t if is_packed else t.reshape(-1, *t.shape[2:])[case["tokens"]]).float()
 
-    torch.testing.assert_close(real(out, packed).float(), real(reference, False), **tol)
-    for ours, theirs in zip(inputs, reference_inputs):
-        torch.testing.assert_close(real(ours.grad, packed).float(), real(theirs.grad, False), **tol)
+    naive_fn = implementations(case)["naive matmul-softmax-matmul (minBERT)"]
+    exact = run(naive_fn, [t.float() for t in case["padded"]], case["grad"].float())
+    low_precision = run(naive_fn, case["padded"], case["grad"])
+    ours = run(fn, case["packed" if packed else "padded"], grad)
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), ours, exact, low_precision):
+        error = (real(a, packed) - real(b, False)).abs().max().item()
+        allowed = 2 * (real(c, False) - real(b, False)).abs().max().item() + 1e-4
+        assert error <= allowed, f"{impl} {name}: max error {error:.3g} > {allowed:.3g}"
+    inputs = [t.detach().clone().requires_grad_() for t in case["packed" if packed else "padded"]]
 
     def step():
         for t in inputs:

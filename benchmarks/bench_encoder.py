@@ -88,12 +88,13 @@ def test_padding_fraction(sst_batches):
 def test_encoder_training_step(benchmark, sst_batches, impl):
     model = make_model(impl).eval()
     reference = make_model(IMPLEMENTATIONS[0]).eval()
-    atol = 1e-4 if AUTOCAST_DTYPE is None else 0.1
+    # bfloat16 keeps ~3 significant digits per op; six layers of them drift by about a percent.
+    tol = dict(atol=1e-4, rtol=0) if AUTOCAST_DTYPE is None else dict(atol=0.1, rtol=0.05)
     with torch.no_grad():
         for batch in sst_batches:
             keep = batch["attention_mask"].bool()
             torch.testing.assert_close(forward(model, batch).last_hidden_state[keep].float(),
-                                       forward(reference, batch).last_hidden_state[keep].float(), atol=atol, rtol=0)
+                                       forward(reference, batch).last_hidden_state[keep].float(), **tol)
     del reference
     model.train()
 
