@@ -68,16 +68,8 @@ def scalar_loss(output, attention_mask, weights_hidden, weights_pooled):
     return (output.last_hidden_state * keep * weights_hidden).sum() + (output.pooler_output * weights_pooled).sum()
 
 
-@pytest.mark.parametrize("config", random_configs(), ids=lambda c: f"H{c.hidden_size}-h{c.num_attention_heads}-n{c.num_hidden_layers}")
-def test_random_config_matches_transformers(config):
-    generator = torch.Generator().manual_seed(config.hidden_size)
-    ours = BertModel(config).eval()
-    theirs = hf_model(config).eval()
-    theirs.load_state_dict(ours.state_dict(), strict=True)
-    L = 23
-    lengths = [1, L, 7, 16, 2]
-    ids, mask, types = right_padded_batch(config, lengths, generator)
-
+def assert_matches_transformers(ours, theirs, ids, mask, types, generator):
+    """Outputs at the real tokens, then the gradients of a random linear function of them."""
     out_ours = ours(ids, mask, types)
     out_theirs = theirs(input_ids=ids, attention_mask=mask, token_type_ids=types)
     assert_outputs_match(out_ours, out_theirs, mask)
@@ -89,21 +81,30 @@ def test_random_config_matches_transformers(config):
     assert_gradients_match(ours, theirs)
 
 
-def test_minilm_matches_transformers(minilm_dir):
+PATHS = {"unpadded": True, "padded": False}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("config", random_configs(), ids=lambda c: f"H{c.hidden_size}-h{c.num_attention_heads}-n{c.num_hidden_layers}")
+def test_random_config_matches_transformers(config, path):
+    generator = torch.Generator().manual_seed(config.hidden_size)
+    ours = BertModel(config).eval()
+    ours.unpad = PATHS[path]
+    theirs = hf_model(config).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    ids, mask, types = right_padded_batch(config, [1, 23, 7, 16, 2], generator)
+    assert_matches_transformers(ours, theirs, ids, mask, types, generator)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_minilm_matches_transformers(minilm_dir, path):
     ours = BertModel.from_pretrained(minilm_dir).eval()
+    ours.unpad = PATHS[path]
     theirs = transformers.BertModel.from_pretrained(minilm_dir, attn_implementation="eager").eval()
     generator = torch.Generator().manual_seed(0)
     ids, mask, types = right_padded_batch(ours.config, [1, 5, 40, 64, 13, 64], generator)
     ids[:, 0] = 101  # [CLS]
-    out_ours = ours(ids, mask, types)
-    out_theirs = theirs(input_ids=ids, attention_mask=mask, token_type_ids=types)
-    assert_outputs_match(out_ours, out_theirs, mask)
-
-    w_hidden = torch.randn(out_ours.last_hidden_state.shape, generator=generator)
-    w_pooled = torch.randn(out_ours.pooler_output.shape, generator=generator)
-    scalar_loss(out_ours, mask, w_hidden, w_pooled).backward()
-    scalar_loss(out_theirs, mask, w_hidden, w_pooled).backward()
-    assert_gradients_match(ours, theirs)
+    assert_matches_transformers(ours, theirs, ids, mask, types, generator)
 
 
 def test_state_dicts_load_both_ways_strictly():
