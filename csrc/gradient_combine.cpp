@@ -8,36 +8,94 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "flat_buffer.h"
+#include "float_vectors.h"
 
 namespace mtbert {
 
 namespace {
 
-// 16384 float64 partial sums (128 KiB) stay in L2 while each task row is added into them; long
-// runs per row keep the hardware prefetcher streaming.
+// Columns per piece: the unit of parallel work; long pieces keep the prefetcher streaming on each row.
 constexpr int64_t kCombinePiece = 16384;
 
-// Row by row into a float64 accumulator keeps each loop a simple vectorizable axpy while the
-// piece stays in L1; the sum is rounded to float32 once.
+// Outputs at least this large are written with non-temporal stores: they cannot stay in the caches
+// (the rows read alongside are K times larger), and streaming skips reading each line before it is
+// overwritten. Smaller outputs are stored normally, to be found in cache by the optimizer step.
+constexpr int64_t kStreamingBytes = int64_t{16} << 20;
+
+// out[p] = sum_r weight[r] * rows[r][p] over [begin, end) for R rows (R fixed at compile time): one
+// sweep reads the R rows together and writes out once, accumulating in float64 registers and
+// rounding to float32 once.
+template <int R, bool kStream>
+MTBERT_ALWAYS_INLINE void combine_rows(const float* const* rows, const double* weight, int64_t begin, int64_t end,
+                                       float* out) {
+  auto column = [&](int64_t p) {
+    double acc = 0.0;
+    for (int r = 0; r < R; ++r) acc += weight[r] * static_cast<double>(rows[r][p]);
+    out[p] = static_cast<float>(acc);
+  };
+  int64_t p = begin;
+  if (kStream) {  // non-temporal stores need 16-byte aligned addresses
+    for (; p < end && reinterpret_cast<uintptr_t>(out + p) % 16 != 0; ++p) column(p);
+  }
+  for (; p + kLanes <= end; p += kLanes) {
+    Doubles8 acc = {};
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc += weight[r] * load_as_double(rows[r] + p);
+    if (kStream) {
+      stream_as_float(out + p, acc);
+    } else {
+      store_as_float(out + p, acc);
+    }
+  }
+  for (; p < end; ++p) column(p);
+}
+
+template <bool kStream>
+MTBERT_ALWAYS_INLINE void combine_count(int count, const float* const* rows, const double* weight, int64_t begin,
+                                        int64_t end, float* out) {
+  switch (count) {
+    case 0: std::fill(out + begin, out + end, 0.0f); return;
+    case 1: return combine_rows<1, kStream>(rows, weight, begin, end, out);
+    case 2: return combine_rows<2, kStream>(rows, weight, begin, end, out);
+    case 3: return combine_rows<3, kStream>(rows, weight, begin, end, out);
+    case 4: return combine_rows<4, kStream>(rows, weight, begin, end, out);
+    case 5: return combine_rows<5, kStream>(rows, weight, begin, end, out);
+    case 6: return combine_rows<6, kStream>(rows, weight, begin, end, out);
+    case 7: return combine_rows<7, kStream>(rows, weight, begin, end, out);
+    case 8: return combine_rows<8, kStream>(rows, weight, begin, end, out);
+  }
+}
+
+// One piece of one segment with the segment's weights over the K rows. Rows of weight 0 are not
+// read (a head's columns take only their own task's row).
 MTBERT_VECTOR_CLONES
 void combine_piece(const float* g, int64_t K, int64_t P, const double* weights, int64_t begin, int64_t end,
-                   float* out) {
-  double acc[kCombinePiece];
-  const int64_t len = end - begin;
-#pragma omp simd
-  for (int64_t p = 0; p < len; ++p) acc[p] = 0.0;
+                   bool stream, float* out) {
+  constexpr int kMaxFused = 8;
+  const float* rows[kMaxFused];
+  double weight[kMaxFused];
+  int count = 0;
   for (int64_t k = 0; k < K; ++k) {
-    const double wk = weights[k];
-    if (wk == 0.0) continue;  // a head's columns take only their own task's row
-    const float* gk = g + k * P + begin;
-#pragma omp simd
-    for (int64_t p = 0; p < len; ++p) acc[p] += wk * static_cast<double>(gk[p]);
+    if (weights[k] == 0.0) continue;
+    if (count == kMaxFused) {  // more than 8 rows: fold the first 8 into out (rounded to float32 there)
+      combine_count<false>(count, rows, weight, begin, end, out);
+      rows[0] = out;
+      weight[0] = 1.0;
+      count = 1;
+    }
+    rows[count] = g + k * P;
+    weight[count] = weights[k];
+    ++count;
   }
-#pragma omp simd
-  for (int64_t p = 0; p < len; ++p) out[begin + p] = static_cast<float>(acc[p]);
+  if (stream) {
+    combine_count<true>(count, rows, weight, begin, end, out);
+  } else {
+    combine_count<false>(count, rows, weight, begin, end, out);
+  }
 }
 
 }  // namespace
@@ -73,10 +131,12 @@ void gradient_combine_cpu(const at::Tensor& grads, const at::Tensor& weights, c1
   const double* w = weights.data_ptr<double>();
   float* o = out.data_ptr<float>();
   const std::vector<Piece> pieces = cut_into_pieces(boundaries, kCombinePiece);
+  const bool stream = P * static_cast<int64_t>(sizeof(float)) >= kStreamingBytes;
   for_each_piece(static_cast<int64_t>(pieces.size()), K * P, [&](int64_t first, int64_t last) {
     for (int64_t q = first; q < last; ++q) {
-      combine_piece(g, K, P, w + pieces[q].segment * K, pieces[q].begin, pieces[q].end, o);
+      combine_piece(g, K, P, w + pieces[q].segment * K, pieces[q].begin, pieces[q].end, stream, o);
     }
+    if (stream) streaming_stores_done();
   });
 }
 

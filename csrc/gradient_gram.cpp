@@ -12,25 +12,71 @@
 #include <vector>
 
 #include "flat_buffer.h"
+#include "float_vectors.h"
 
 namespace mtbert {
 
 namespace {
 
-// Columns per piece: K rows of it (3 x 64 KiB at K = 3) stay in L2 while the K (K + 1) / 2 dot
-// products re-read them, so memory is read once.
+// Columns per piece: the unit of parallel work and of the fixed-order reduction. Long pieces keep the
+// hardware prefetcher streaming on the K rows; the partials they leave (K x K float64 each) stay few.
 constexpr int64_t kGramPiece = 16384;
 
+// The Gram matrix of K rows (K fixed at compile time, row r at g + r * row_stride) over the columns
+// [begin, end), written to acc[i * acc_stride + j] for i <= j. One sweep reads the K rows together:
+// each element is widened to float64 once and the K (K + 1) / 2 products accumulate in vector
+// registers, so memory is read once, at the rate of the prefetcher, whatever the number of pairs.
+template <int K>
+MTBERT_ALWAYS_INLINE void gram_rows(const float* g, int64_t row_stride, int64_t begin, int64_t end, double* acc,
+                                    int64_t acc_stride) {
+  constexpr int kPairs = K * (K + 1) / 2;
+  Doubles8 sum[kPairs] = {};
+  int64_t p = begin;
+  for (; p + kLanes <= end; p += kLanes) {
+    Doubles8 x[K];
+#pragma GCC unroll 8
+    for (int i = 0; i < K; ++i) x[i] = load_as_double(g + i * row_stride + p);
+    int q = 0;
+#pragma GCC unroll 8
+    for (int i = 0; i < K; ++i) {
+#pragma GCC unroll 8
+      for (int j = i; j < K; ++j) sum[q++] += x[i] * x[j];
+    }
+  }
+  int q = 0;
+  for (int i = 0; i < K; ++i) {
+    for (int j = i; j < K; ++j, ++q) {
+      double total = 0.0;
+      for (int lane = 0; lane < kLanes; ++lane) total += sum[q][lane];
+      for (int64_t r = p; r < end; ++r) {
+        total += static_cast<double>(g[i * row_stride + r]) * static_cast<double>(g[j * row_stride + r]);
+      }
+      acc[i * acc_stride + j] = total;
+    }
+  }
+}
+
+// acc[i * K + j] (i <= j) of one piece. K <= 8 (the tasks of multitask training) takes one sweep;
+// larger K, pair by pair, re-reads the piece from L2 per pair.
 MTBERT_VECTOR_CLONES
 void gram_piece(const float* g, int64_t K, int64_t P, int64_t begin, int64_t end, double* acc) {
+  switch (K) {
+    case 1: return gram_rows<1>(g, P, begin, end, acc, K);
+    case 2: return gram_rows<2>(g, P, begin, end, acc, K);
+    case 3: return gram_rows<3>(g, P, begin, end, acc, K);
+    case 4: return gram_rows<4>(g, P, begin, end, acc, K);
+    case 5: return gram_rows<5>(g, P, begin, end, acc, K);
+    case 6: return gram_rows<6>(g, P, begin, end, acc, K);
+    case 7: return gram_rows<7>(g, P, begin, end, acc, K);
+    case 8: return gram_rows<8>(g, P, begin, end, acc, K);
+  }
   for (int64_t i = 0; i < K; ++i) {
-    const float* gi = g + i * P;
-    for (int64_t j = i; j < K; ++j) {
-      const float* gj = g + j * P;
-      double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t p = begin; p < end; ++p) sum += static_cast<double>(gi[p]) * static_cast<double>(gj[p]);
-      acc[i * K + j] = sum;
+    gram_rows<1>(g + i * P, P, begin, end, acc + i * K + i, K);
+    for (int64_t j = i + 1; j < K; ++j) {
+      // Rows i and j as a two-row buffer: its off-diagonal product is G[i, j].
+      double pair[4];
+      gram_rows<2>(g + i * P, (j - i) * P, begin, end, pair, 2);
+      acc[i * K + j] = pair[1];
     }
   }
 }

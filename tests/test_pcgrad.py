@@ -168,6 +168,20 @@ def test_gram_and_combine_of_large_buffer_cross_pieces():
     torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
 
 
+def test_combine_into_large_misaligned_out():
+    # Above 16 MiB the combination writes with non-temporal stores from 16-byte aligned addresses:
+    # an out view 4 bytes past its allocation, and a head segment whose weights skip rows.
+    P = (1 << 22) + 37
+    grads = torch.randn(3, P)
+    boundaries = [0, 1_000_003, P]
+    weights = torch.tensor([[0.5, -1.25, 2.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    out = torch.full((P + 1,), float("nan"))[1:]
+    _ops.gradient_combine(grads, weights, boundaries, out)
+    g = grads.double()
+    ref = torch.cat([weights[c] @ g[:, a:b] for c, (a, b) in enumerate(zip(boundaries, boundaries[1:]))])
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+
+
 def test_bad_inputs_name_the_argument():
     grads = torch.randn(3, 10)
     out = torch.empty(10)

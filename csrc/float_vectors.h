@@ -1,0 +1,57 @@
+// Eight-lane float32 / float64 vectors for the gradient-surgery kernels (gradient_gram.cpp,
+// gradient_combine.cpp), written with the GCC / Clang vector extensions: each MTBERT_VECTOR_CLONES
+// clone lowers the same source to its own registers (one zmm, two ymm or four xmm per vector).
+#pragma once
+#include <cstdint>
+#include <cstring>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
+#define MTBERT_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace mtbert {
+
+// The vectors only live in registers of always-inlined code, never cross a call, so the ABI of
+// passing them by value (which GCC warns about where AVX-512 is not enabled) never applies. Only
+// the two kernel files include this header.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+typedef float Floats8 __attribute__((vector_size(32)));
+typedef double Doubles8 __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 8;
+
+// Eight consecutive float32 (any alignment), widened to float64.
+MTBERT_ALWAYS_INLINE Doubles8 load_as_double(const float* p) {
+  Floats8 f;
+  std::memcpy(&f, p, sizeof f);
+  return __builtin_convertvector(f, Doubles8);
+}
+
+MTBERT_ALWAYS_INLINE void store_as_float(float* p, const Doubles8& v) {
+  const Floats8 f = __builtin_convertvector(v, Floats8);
+  std::memcpy(p, &f, sizeof f);
+}
+
+// Non-temporal stores (p 16-byte aligned) where the platform has them: they write around the caches
+// and skip reading each output line before overwriting it. Follow the last one with
+// streaming_stores_done() before the output is read.
+MTBERT_ALWAYS_INLINE void stream_as_float(float* p, const Doubles8& v) {
+  const Floats8 f = __builtin_convertvector(v, Floats8);
+#if defined(__SSE__)
+  __m128 half[2];
+  std::memcpy(half, &f, sizeof f);
+  _mm_stream_ps(p, half[0]);
+  _mm_stream_ps(p + 4, half[1]);
+#else
+  std::memcpy(p, &f, sizeof f);
+#endif
+}
+
+inline void streaming_stores_done() {
+#if defined(__SSE__)
+  _mm_sfence();
+#endif
+}
+
+}  // namespace mtbert
