@@ -76,6 +76,17 @@ def final_record(out):
     return [r for r in records if r["kind"] == "final"][-1]
 
 
+def load_results(store):
+    return json.loads(store.read_text()) if store.is_file() else {}
+
+
+def write_atomically(path, text):
+    """Readers (and a concurrent invocation of this script) never see a half-written file."""
+    temporary = path.with_name(path.name + f".{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
 def render(results, header) -> str:
     from mtbert.train import PAPER_DEV
 
@@ -136,7 +147,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     output = Path(args.output)
     store = output.with_suffix(".json")
-    results = json.loads(store.read_text()) if store.is_file() else {}
+    results = load_results(store)
     header = ("# Paper configurations on all-MiniLM-L6-v2 (CPU, short runs)\n\n"
               "Dev scores of `benchmarks/paper_table.py` rows: each row fine-tunes all-MiniLM-L6-v2 for the given "
               "number of optimizer steps (one batch of 16 per task per step, seeded training subsets), one "
@@ -146,7 +157,7 @@ def main(argv=None):
               "than the paper's (BERT-base, GPU, several epochs on all data), so compare rows with each other.")
     flags_of = {name: (description, flags) for name, description, flags in ROWS}
     if results:  # `--rows ''` just re-renders the table from the stored results
-        output.write_text(render(results, header))
+        write_atomically(output, render(results, header))
     for name in rows:
         description, flags = flags_of[name]
         out = Path(args.runs) / name
@@ -159,11 +170,12 @@ def main(argv=None):
         wall = time.perf_counter() - started
         final = final_record(out)
         scores = {k: final[k] for k in ("sst_acc", "para_acc", "sts_pearson", "sts_spearman", "overall")}
-        results[name] = {"row": name, "description": description, "argv": argv_row, "steps": final["step"],
-                         "wall_s": wall, "scores": scores}
+        row = {"row": name, "description": description, "argv": argv_row, "steps": final["step"],
+               "wall_s": wall, "scores": scores}
+        results = {**load_results(store), name: row}  # re-read: another invocation may have added rows
         output.parent.mkdir(parents=True, exist_ok=True)
-        store.write_text(json.dumps(results, indent=1) + "\n")
-        output.write_text(render(results, header))
+        write_atomically(store, json.dumps(results, indent=1) + "\n")
+        write_atomically(output, render(results, header))
         print(f"== {name}: {wall / 60:.1f} min, {scores}", flush=True)
     if output.is_file():
         print(output.read_text())
