@@ -46,6 +46,11 @@ def bandwidth_gbs(benchmarks):
     return statistics.median(rates) if rates else None
 
 
+def readable(value):
+    """Three significant digits, thousands separated: 0.0123, 4.56, 789, 12,345."""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def group_rows(benchmarks, probe_gbs):
     """{group: [row dicts]} with median, ratio against the group's baseline, GB/s, throughput."""
     groups = {}
@@ -71,7 +76,7 @@ def group_rows(benchmarks, probe_gbs):
                 row["gbs"] = extra["bytes"] / median / 1e9
                 row["of_probe"] = row["gbs"] / probe_gbs if probe_gbs else None
             if "items" in extra:
-                row["throughput"] = f"{extra['items'] / median:,.0f} {extra.get('item_name', 'items')}/s"
+                row["throughput"] = f"{readable(extra['items'] / median)} {extra.get('item_name', 'items')}/s"
             if "peak_memory_mb" in extra:
                 row["memory"] = f"{extra['peak_memory_mb']:,.0f} MB"
             if "phases_ms" in extra:
