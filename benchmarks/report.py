@@ -133,10 +133,15 @@ def bar_chart(table, path):
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(bars) + 1.5))
     labels, ratios = zip(*bars)
     colors = ["tab:green" if r >= 1 else "tab:red" for r in ratios]
-    ax.barh(range(len(bars)), ratios, color=colors)
+    # Ratios span orders of magnitude: a log axis, each bar drawn from 1× to its ratio.
+    ax.barh(range(len(bars)), [r - 1 for r in ratios], left=1, color=colors)
+    ax.set_xscale("log")
+    for y, r in enumerate(ratios):
+        ax.annotate(f"{r:,.0f}×" if r >= 10 else f"{r:.2g}×", (r, y), xytext=(3 if r >= 1 else -3, 0), textcoords="offset points",
+                    ha="left" if r >= 1 else "right", va="center", fontsize=7)
     ax.set_yticks(range(len(bars)), labels, fontsize=7)
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("speedup over the baseline measured in the same run (×)")
+    ax.set_xlabel("speedup over the baseline measured in the same run (×, log scale)")
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
