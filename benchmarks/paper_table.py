@@ -87,6 +87,15 @@ def write_atomically(path, text):
     os.replace(temporary, path)
 
 
+def _relative(argument):
+    """Paths inside the checkout or next to it, written as from the repository root."""
+    path = Path(argument)
+    for base, prefix in ((REPO, "."), (REPO.parent, "..")):
+        if path.is_absolute() and path.is_relative_to(base):
+            return str(Path(prefix) / path.relative_to(base))
+    return argument
+
+
 def render(results, header) -> str:
     from mtbert.train import PAPER_DEV
 
@@ -97,13 +106,13 @@ def render(results, header) -> str:
     ranked = sorted(results.values(), key=lambda r: (order.get(r["row"], len(order)), r["row"]))
     for r in ranked:
         s = r["scores"]
-        lines.append(f"| {r['row']} | {r['description']} | {r['steps']} | {s['sst_acc']:.3f} | {s['para_acc']:.3f} "
+        lines.append(f"| {r['row']} | {r['description'].replace('|', chr(92) + '|')} | {r['steps']} | {s['sst_acc']:.3f} | {s['para_acc']:.3f} "
                      f"| {s['sts_pearson']:.3f} | {s['overall']:.3f} | {r['wall_s'] / 60:.1f} min |")
     p = PAPER_DEV
     lines.append(f"| paper | BERT-base, GPU, full data (reported) | – | {p['sst_acc']:.3f} | {p['para_acc']:.3f} "
                  f"| {p['sts_pearson']:.3f} | {p['overall']:.3f} | – |")
     lines += ["", "Commands (`python -m mtbert.train ...`, run with OMP_NUM_THREADS=1):", ""]
-    lines += [f"- {r['row']}: `{' '.join(r['argv'])}`" for r in ranked]
+    lines += [f"- {r['row']}: `{' '.join(map(_relative, r['argv']))}`" for r in ranked]
     return "\n".join(lines) + "\n"
 
 

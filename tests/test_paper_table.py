@@ -43,3 +43,11 @@ def test_render_lists_rows_in_table_order_with_wall_time():
     assert table[0].startswith("| pretrain") and table[1].startswith("| pcgrad")
     assert "| 9 | 0.400 | 0.700 | 0.800 | 0.650 | 1.5 min |" in table[0]
     assert any(line.startswith("| paper") for line in lines)
+
+
+def test_render_escapes_pipes_in_descriptions():
+    scores = {"sst_acc": 0.4, "para_acc": 0.7, "sts_pearson": 0.8, "sts_spearman": 0.79, "overall": 0.65}
+    results = {"sbert": {"row": "sbert", "description": "(u, v, |u-v|)", "argv": [], "steps": 1, "wall_s": 1.0,
+                         "scores": scores}}
+    row = next(line for line in paper_table.render(results, "").splitlines() if line.startswith("| sbert"))
+    assert row.replace("\\|", "").count("|") == 9  # the table's own 9 column borders
