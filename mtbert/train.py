@@ -35,6 +35,21 @@ PAPER_DEV["overall"] = (PAPER_DEV["sst_acc"] + PAPER_DEV["para_acc"] + (PAPER_DE
 _FILE_HELP = {"train": "training", "dev": "dev", "test": "unlabeled test-student"}
 
 
+def parse_loss_weights(text):
+    """``"sst=1,sts=0.05"`` → ``{"sst": 1.0, "sts": 0.05}``."""
+    weights = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        task, sep, value = item.partition("=")
+        task = task.strip()
+        if not sep or task not in TASKS:
+            raise argparse.ArgumentTypeError(f"expected TASK=WEIGHT with TASK among {TASKS}, got {item!r}")
+        try:
+            weights[task] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"weight of {task!r} is not a number: {value!r}") from None
+    return weights
+
+
 def build_parser():
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(prog="mtbert-train", description=__doc__,
@@ -103,6 +118,9 @@ def build_parser():
                        help="main task of --grad-method main-aux (default: %(default)s)")
     optim.add_argument("--aux-weight", type=float, default=defaults.aux_weight,
                        help="λ, weight of the auxiliary tasks in main-aux (default: %(default)s)")
+    optim.add_argument("--loss-weights", type=parse_loss_weights, default={}, metavar="TASK=W[,TASK=W]",
+                       help="multiply a task's loss, e.g. sts=0.05 to bring CoSENT's large gradient to the size "
+                            "of the other tasks' (default: 1 for every task)")
     optim.add_argument("--task-sampling", choices=TASK_SAMPLINGS, default=defaults.task_sampling,
                        help="round-robin: one batch of every task per step, smaller tasks cycle; proportional "
                             "to size; annealed (Stickland & Murray 2019) (default: %(default)s)")
@@ -132,7 +150,8 @@ def config_from_args(args) -> TrainConfig:
         data=args.data, out=args.out, tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
         files={k: v for k, v in files.items() if v}, prediction_files={k: v for k, v in outputs.items() if v},
         model=args.model, pooling=args.pooling, para_head=args.para_head, sts_head=args.sts_head,
-        sts_loss=args.sts_loss, option=option, hidden_dropout_prob=args.hidden_dropout_prob, epochs=args.epochs,
+        sts_loss=args.sts_loss, loss_weights=args.loss_weights, option=option,
+        hidden_dropout_prob=args.hidden_dropout_prob, epochs=args.epochs,
         batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup=args.warmup, schedule=args.schedule, grad_method=args.grad_method,
         main_task=args.main_task, aux_weight=args.aux_weight, task_sampling=args.task_sampling,

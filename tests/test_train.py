@@ -69,21 +69,28 @@ def test_flags_parse_into_the_config():
         "--para-head", "cross", "--sts-head", "cosine", "--sts-loss", "cosent", "--grad-method", "main-aux",
         "--main-task", "sts", "--aux-weight", "0.5", "--task-sampling", "annealed", "--schedule", "linear",
         "--warmup", "0.1", "--weight-decay", "0.01", "--max-length", "64", "--no-bucket", "--tasks", "sst,sts",
-        "--batch_size", "8", "--seed", "3", "--pooling", "cls"])
+        "--batch_size", "8", "--seed", "3", "--pooling", "cls", "--loss-weights", "sts=0.05, sst=2"])
     config = config_from_args(args)
     assert (config.option, config.lr) == ("pretrain", 1e-3)  # the alias, and the starter's lr advice
     assert (config.para_head, config.sts_head, config.sts_loss) == ("cross", "cosine", "cosent")
     assert (config.grad_method, config.main_task, config.aux_weight) == ("main-aux", "sts", 0.5)
     assert (config.task_sampling, config.schedule, config.warmup, config.weight_decay) == ("annealed", "linear", 0.1, 0.01)
     assert (config.max_length, config.bucket, config.tasks, config.batch_size, config.seed) == (64, False, ("sst", "sts"), 8, 3)
+    assert config.loss_weights == {"sts": 0.05, "sst": 2.0}
     assert str(config.file("sst", "train")) == "x.csv" and str(config.file("sts", "dev")) == "d/sts-dev.csv"
     assert str(config.prediction_file("para", "test")) == "p.csv"
     defaults = config_from_args(build_parser().parse_args([]))
     assert (defaults.option, defaults.lr, defaults.seed, defaults.grad_method) == ("finetune", 1e-5, 11711, "sum")
     with pytest.raises(ValueError, match="main_task"):
         TrainConfig(tasks=("sst", "para"), grad_method="main-aux", main_task="sts")
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["--sts-loss", "hinge"])
+    for bad in (["--sts-loss", "hinge"], ["--loss-weights", "sentiment=2"], ["--loss-weights", "sts"],
+                ["--loss-weights", "sts=small"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(bad)
+    with pytest.raises(ValueError, match="loss_weights names 'para'"):
+        TrainConfig(tasks=("sst", "sts"), loss_weights={"para": 1.0})
+    with pytest.raises(ValueError, match=r"loss_weights\['sts'\] must be a positive"):
+        TrainConfig(loss_weights={"sts": 0.0})
 
 
 def test_task_sampling_plans():
@@ -281,3 +288,20 @@ def test_task_rows_sum_to_the_plain_autograd_gradient(tiny_model_dir, toy_data, 
         for other, head in flat_model.heads.items():
             begin, end = path.flat.span(next(head.parameters()))
             assert bool(rows[task][begin:end].any()) == (task == other)
+
+
+def test_loss_weight_scales_only_its_tasks_gradient_row(tiny_model_dir, toy_data, tmp_path):
+    """--loss-weights sts=w: the STS row of the gradient buffer is exactly w times the unweighted
+    run's, the other rows are unchanged, and the logged loss stays the unweighted one."""
+    rows, losses = {}, {}
+    for weight in (1.0, 0.25):
+        trainer = Trainer(_config(tiny_model_dir, toy_data, tmp_path / str(weight), hidden_dropout_prob=0.0,
+                                  loss_weights={"sts": weight}))
+        trainer.gradients.step = trainer.scheduler.step = lambda: None  # only the rows are compared
+        losses[weight], _ = trainer.train_step(("sst", "para", "sts"))
+        rows[weight] = dict(zip(trainer.gradients.flat.task_names, trainer.gradients.flat.grads.clone()))
+    assert losses[1.0] == pytest.approx(losses[0.25], rel=1e-6)
+    torch.testing.assert_close(rows[0.25]["sts"], 0.25 * rows[1.0]["sts"], rtol=1e-5, atol=1e-9)
+    assert rows[1.0]["sts"].abs().max() > 0
+    for task in ("sst", "para"):
+        torch.testing.assert_close(rows[0.25][task], rows[1.0][task], rtol=1e-5, atol=1e-9)

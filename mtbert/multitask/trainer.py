@@ -42,6 +42,9 @@ class TrainConfig:
     para_head: str = "sbert"
     sts_head: str = "sbert"
     sts_loss: str = "mse"
+    # Task → multiplier of its loss (1.0 when absent). Balances tasks whose gradients differ in
+    # size: CoSENT's encoder gradient is 30–60× SST's at the start of fine-tuning.
+    loss_weights: dict = field(default_factory=dict)
     option: str = "finetune"
     hidden_dropout_prob: float = 0.3
     epochs: int = 10
@@ -81,6 +84,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if self.grad_method == "main-aux" and self.main_task not in self.tasks:
             raise ValueError(f"main_task {self.main_task!r} is not among the trained tasks {self.tasks}")
+        for task, weight in self.loss_weights.items():
+            if task not in self.tasks:
+                raise ValueError(f"loss_weights names {task!r}, which is not among the trained tasks {self.tasks}")
+            if not (math.isfinite(weight) and weight > 0):
+                raise ValueError(f"loss_weights[{task!r}] must be a positive finite number, got {weight}")
         for name in ("epochs", "batch_size", "eval_batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -328,7 +336,7 @@ class Trainer:
                               f"({self.skipped_steps} so far)")
                 self.gradients.zero_grad()
                 return None, examples
-            self.gradients.backward(task, loss)
+            self.gradients.backward(task, self.config.loss_weights.get(task, 1.0) * loss)
             step_losses[task] = step_losses.get(task, 0.0) + loss.item()
         self.gradients.step()
         self.scheduler.step()
