@@ -202,6 +202,7 @@ def main(argv=None):
     label = "SYNTHETIC sanity data" if synthetic else f"mtbert dev ({config.model})"
     rows = [(label, best)] + ([] if synthetic else [("paper dev (BERT-base)", PAPER_DEV)])
     print(summary_table(rows))
+    print(f"training time: {trainer.train_seconds / 60:.1f} min (steps and checkpoints; evaluation excluded)")
     print(f"outputs in {config.out}: metrics.jsonl, metrics.png, best.pt, last.pt, predictions/")
     return 0
 

@@ -196,6 +196,10 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_model_dir, toy_data, tm
     for name, value in final_reference.items():
         assert torch.equal(value, final_resumed[name]), name
     assert resumed_scores == reference_scores
+    # Training time carries over the kill: the resumed run counts on from the checkpoint's.
+    assert resumed.train_seconds > state["train_seconds"] > 0
+    minutes = [r["train_minutes"] for r in _records(killed_out, "dev")]
+    assert len(minutes) == 2 and 0 < minutes[0] < minutes[1] == pytest.approx(resumed.train_seconds / 60)
     strip = [{k: v for k, v in r.items() if k != "examples_per_s"} for r in _records(tmp_path / "reference", "train")]
     assert strip == [{k: v for k, v in r.items() if k != "examples_per_s"} for r in _records(killed_out, "train")]
 

@@ -220,6 +220,7 @@ class Trainer:
             self.optimizer, lr_lambda(config.schedule, warmup_steps, self.total_steps))
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_overall, self.skipped_steps = -math.inf, 0
+        self.train_seconds = 0.0  # wall time of the training steps and their checkpoints, no evaluation
         self._best_dev = None  # (epoch, dev metrics, dev predictions) of the best epoch run here
         self.token_slots = {t: [0, 0] for t in config.tasks}  # real tokens, padded slots this epoch
 
@@ -279,6 +280,7 @@ class Trainer:
             "rng": rng_states(),
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "best_overall": self.best_overall, "skipped_steps": self.skipped_steps,
+            "train_seconds": self.train_seconds,
         }
 
     def load_state_dict(self, state):
@@ -294,6 +296,7 @@ class Trainer:
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best_overall = state["global_step"], state["best_overall"]
         self.skipped_steps = state["skipped_steps"]
+        self.train_seconds = state.get("train_seconds", 0.0)
         self._truncate_metrics(self.global_step)
 
     def save(self, name="last.pt"):
@@ -356,6 +359,7 @@ class Trainer:
         window = {t: [0.0, 0] for t in cfg.tasks}  # loss sum, count since the last record
         self.token_slots = {t: [0, 0] for t in cfg.tasks}  # real tokens, padded slots this epoch
         examples, started = 0, time.perf_counter()
+        step_started = started
         bar = tqdm(total=len(plan), initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                    disable=not cfg.progress, dynamic_ncols=True)
         while self.step_in_epoch < len(plan):
@@ -377,16 +381,20 @@ class Trainer:
                 window = {t: [0.0, 0] for t in cfg.tasks}
             if cfg.save_every and self.global_step % cfg.save_every == 0 and self.step_in_epoch < len(plan):
                 self.save()
+            self.train_seconds += time.perf_counter() - step_started
             if self.on_step is not None:
                 self.on_step(self)
+            step_started = time.perf_counter()
         bar.close()
         padding = {t: 1.0 - real / slots for t, (real, slots) in self.token_slots.items() if slots}
         logger.info("epoch %d padding (measured): %s", self.epoch + 1,
                     ", ".join(f"{t} {100 * f:.1f}% of token slots" for t, f in padding.items()))
         self._record(kind="padding", epoch=self.epoch, step=self.global_step, **padding)
         scores, predictions = self.evaluate()
-        logger.info("epoch %d dev: %s", self.epoch + 1, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-        self._record(kind="dev", epoch=self.epoch + 1, step=self.global_step, **scores)
+        logger.info("epoch %d dev after %.1f min of training: %s", self.epoch + 1, self.train_seconds / 60,
+                    ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        self._record(kind="dev", epoch=self.epoch + 1, step=self.global_step,
+                     train_minutes=self.train_seconds / 60, **scores)
         selection = scores.get("overall", sum(scores.values()) / len(scores))
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         if selection > self.best_overall:
