@@ -2,7 +2,7 @@
 SST-5, Quora paraphrase and STS-B (the CS224N default final project), flags as in its starter
 (``multitask_classifier.py``) where they exist.
 
-Example (the `make demo` setting, about 15 minutes on a 2-core CPU):
+Example (the `make demo` setting, about 12 minutes on a 2-core CPU):
 
     python -m mtbert.train --data data --out runs/demo --epochs 1 --max-train-examples 8000 \\
         --batch_size 16 --lr 1e-4 --hidden_dropout_prob 0.1 --para-head cross --sts-head cosine \\
