@@ -49,11 +49,11 @@ ROWS = [
      FINETUNE_LR + ["--para-head", "sbert", "--sts-head", "sbert", "--sts-loss", "ce", "--grad-method", "pcgrad"]),
     ("cross", "cross-encoder pair heads, STS CE, PCGrad",
      FINETUNE_LR + ["--para-head", "cross", "--sts-head", "cross", "--sts-loss", "ce", "--grad-method", "pcgrad"]),
-    ("cosent", "cross paraphrase head, cosine STS head with CoSENT, PCGrad (the `make demo` setup)",
+    ("cosent", "cross paraphrase head, cosine STS head with CoSENT, PCGrad (the first `make demo` setup)",
      FINETUNE_LR + ["--para-head", "cross", "--sts-head", "cosine", "--sts-loss", "cosent", "--grad-method", "pcgrad"]),
     # CoSENT's scale 20 makes its encoder gradient 30-60x the SST / paraphrase ones at the start
     # (measured on MiniLM), so it dominates the update; SBERT's cosine-MSE is of their size.
-    ("cosine-mse", "cross paraphrase head, cosine STS head with SBERT's cosine-MSE, PCGrad",
+    ("cosine-mse", "cross paraphrase head, cosine STS head with SBERT's cosine-MSE, PCGrad (the `make demo` setup)",
      FINETUNE_LR + ["--para-head", "cross", "--sts-head", "cosine", "--sts-loss", "cosine-mse",
                     "--grad-method", "pcgrad"]),
 ]
