@@ -17,6 +17,13 @@ from . import kernels
 from .config import BertConfig
 
 
+UNPAD_CHOICES = ("auto", True, False)
+# On the CPU, BertModel.unpad="auto" runs a right-padded batch on its real tokens only when at
+# least this fraction of its positions is padding; below it the padded path is faster.
+# MEASURED_LATER
+CPU_UNPAD_MIN_PADDING = 0.15
+
+
 class BertModelOutput(dict):
     """The encoder's output, readable as attributes (``out.last_hidden_state``, the Hugging Face
     convention), as a dict (``out['pooler_output']``, the CS224N starter) and by position."""
@@ -67,42 +74,70 @@ class BertEmbeddings(nn.Module):
 
 
 class BertSelfAttention(nn.Module):
+    """Multi-head self-attention with the query, key and value projections in one [3H, H] weight
+    and [3H] bias (one matmul instead of three: twice as fast on 2 CPU cores, measured). Its
+    state dict reads and writes them as Hugging Face's ``query``/``key``/``value`` weights and
+    biases (see :func:`_split_qkv` and :func:`_fuse_qkv`), so checkpoints load both ways."""
+
     def __init__(self, config: BertConfig):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.qkv_weight = nn.Parameter(torch.empty(3 * config.hidden_size, config.hidden_size))
+        self.qkv_bias = nn.Parameter(torch.empty(3 * config.hidden_size))
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self._register_state_dict_hook(_split_qkv)
+        self._register_load_state_dict_pre_hook(_fuse_qkv)
 
     def forward(self, x, mask_bias):
-        """x: [B, L, H]; mask_bias: [B, 1, 1, L] additive (0 to attend, a large negative to skip).
-        Or, on the unpadded path, x: [T, H] packed tokens and mask_bias a PackedSequences."""
+        """x: [B, L, H]; mask_bias: None (every key is real) or [B, 1, 1, L] additive (0 to attend,
+        a large negative to skip). Or, on the unpadded path, x: [T, H] packed tokens and mask_bias
+        a PackedSequences."""
         if isinstance(mask_bias, PackedSequences):
             return self._forward_packed(x, mask_bias)
         B, L, H = x.shape
-
-        def heads(t):
-            return t.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, L, head_dim)
-
-        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, heads, L, L)
-        probs = self.dropout(torch.softmax(scores + mask_bias, dim=-1))
-        context = torch.matmul(probs, v)  # (B, heads, L, head_dim)
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(B, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, L, head_dim) each, views
+        # With dropout, SDPA on the CPU runs matmul-softmax-dropout-matmul and draws the same random
+        # numbers as Hugging Face's eager attention (tests/test_model.py holds it to that).
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias, dropout_p=self._dropout_p(),
+                                                 scale=1.0 / math.sqrt(self.head_dim))  # (B, heads, L, head_dim)
         return context.transpose(1, 2).reshape(B, L, H)
 
     def _forward_packed(self, x, packed: PackedSequences):
         T, H = x.shape
-        # One matmul for the three projections (twice as fast as three on 2 CPU cores, measured).
-        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3H, H)
-        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        q, k, v = F.linear(x, weight, bias).view(T, 3, self.num_heads, self.head_dim).unbind(1)  # (T, heads, head_dim)
+        q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).view(T, 3, self.num_heads, self.head_dim).unbind(1)
         context = kernels.varlen_attention(
             q, k, v, packed.cu_seqlens, packed.max_seqlen,
-            dropout_p=self.dropout.p if self.training else 0.0, softmax_scale=1.0 / math.sqrt(self.head_dim),
+            dropout_p=self._dropout_p(), softmax_scale=1.0 / math.sqrt(self.head_dim),
         )  # (T, heads, head_dim)
         return context.reshape(T, H)
+
+    def _dropout_p(self):
+        return self.dropout.p if self.training else 0.0
+
+
+_QKV_NAMES = ("query", "key", "value")
+
+
+def _split_qkv(module, state_dict, prefix, local_metadata):
+    """State-dict hook: the fused parameters as Hugging Face's query/key/value weights and biases,
+    in its key order (views, no copies)."""
+    weights = state_dict.pop(prefix + "qkv_weight").chunk(3)
+    biases = state_dict.pop(prefix + "qkv_bias").chunk(3)
+    for name, weight, bias in zip(_QKV_NAMES, weights, biases):
+        state_dict[prefix + f"{name}.weight"] = weight
+        state_dict[prefix + f"{name}.bias"] = bias
+
+
+def _fuse_qkv(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """Load pre-hook: Hugging Face's query/key/value weights and biases into the fused parameters.
+    When some of the six are absent they are left as they are: the fused parameter is then
+    reported missing and the others unexpected."""
+    for kind in ("weight", "bias"):
+        names = [prefix + f"{name}.{kind}" for name in _QKV_NAMES]
+        if all(name in state_dict for name in names):
+            state_dict[prefix + f"qkv_{kind}"] = torch.cat([state_dict.pop(name) for name in names])
 
 
 class BertSelfOutput(nn.Module):
@@ -191,9 +226,10 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config)
-        # Run right-padded batches on their real tokens only (see forward); False forces the
-        # padded path, the reference. Not a config field: it changes speed, not the model.
-        self.unpad = True
+        # Which path runs a right-padded batch (see forward): "auto" chooses per batch, True always
+        # runs the real tokens only, False always the padded path (the reference). Not a config
+        # field: it changes speed, not the model.
+        self.unpad = "auto"
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -202,6 +238,9 @@ class BertModel(nn.Module):
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, BertSelfAttention):
+            nn.init.normal_(module.qkv_weight, mean=0.0, std=std)
+            nn.init.zeros_(module.qkv_bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.padding_idx is not None:
@@ -267,21 +306,33 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> BertModelOutput:
         self._check_inputs(input_ids, attention_mask, token_type_ids)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        lengths = _right_padded_lengths(attention_mask) if self.unpad else None
+        lengths = self._unpadded_lengths(input_ids, attention_mask)
         if lengths is not None:
             return self._forward_unpadded(input_ids, token_type_ids, lengths)
         x = self.embeddings(input_ids, token_type_ids)
-        # Additive mask as in Hugging Face: the dtype's most negative finite value, not -inf, so a
-        # row whose mask is all zero softmaxes to a uniform distribution instead of NaN.
-        keep = attention_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, L)
-        mask_bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
-        mask_bias.masked_fill_(~keep, torch.finfo(x.dtype).min)
-        hidden = self.encoder(x, mask_bias)
+        hidden = self.encoder(x, _attention_mask_bias(attention_mask, x))
         return BertModelOutput(last_hidden_state=hidden, pooler_output=self.pooler(hidden))
+
+    def _unpadded_lengths(self, input_ids, attention_mask):
+        """The sequence lengths [B] when this batch runs on its real tokens only, else None.
+
+        Only right-padded masks can (``_right_padded_lengths``). With ``unpad="auto"``, off the
+        CPU every such batch does (the varlen kernels); on the CPU only a batch with at least
+        ``CPU_UNPAD_MIN_PADDING`` padding, as gathering and scattering the tokens costs more than
+        the padding saves below it."""
+        if not (isinstance(self.unpad, bool) or self.unpad == "auto"):
+            raise ValueError(f"unpad must be one of {UNPAD_CHOICES}, got {self.unpad!r}")
+        if self.unpad is False:
+            return None
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        lengths = _right_padded_lengths(attention_mask)
+        if lengths is None or self.unpad is True or input_ids.device.type != "cpu":
+            return lengths
+        padding = 1.0 - int(lengths.sum()) / attention_mask.numel()
+        return lengths if padding >= CPU_UNPAD_MIN_PADDING else None
 
     def _forward_unpadded(self, input_ids, token_type_ids, lengths):
         """Gathers the real tokens once into [T, H], runs every layer on them (only attention
@@ -305,6 +356,19 @@ def _right_padded_lengths(attention_mask):
     if not torch.equal(keep, right_padded) or not bool(lengths.min() > 0):
         return None
     return lengths
+
+
+def _attention_mask_bias(attention_mask, x):
+    """The additive mask [B, 1, 1, L] of the padded path, or None when every position is real.
+
+    As in Hugging Face, padding gets the most negative finite value, not -inf, so a row whose mask
+    is all zero softmaxes to a uniform distribution instead of NaN; finite in the dtype attention
+    runs in (autocast's, e.g. bfloat16, whose range float32's minimum would overflow)."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    keep = attention_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, L)
+    return torch.zeros(keep.shape, dtype=dtype, device=x.device).masked_fill_(~keep, torch.finfo(dtype).min)
 
 
 def _describe(value):

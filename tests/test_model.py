@@ -47,18 +47,32 @@ def assert_outputs_match(ours, theirs, attention_mask):
     torch.testing.assert_close(ours.pooler_output, theirs.pooler_output, atol=ATOL, rtol=0)
 
 
+def gradients_by_hf_name(model: BertModel) -> dict:
+    """Our parameter gradients under Hugging Face's names: the fused [3H, H] QKV weight (and [3H]
+    bias) is the query, key and value weights stacked in that order."""
+    grads = {}
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        prefix, fused, kind = name.rpartition(".qkv_")
+        if fused:
+            for part_name, part in zip(("query", "key", "value"), param.grad.chunk(3)):
+                grads[f"{prefix}.{part_name}.{kind}"] = part
+        else:
+            grads[name] = param.grad
+    return grads
+
+
 def assert_gradients_match(ours: BertModel, theirs: transformers.BertModel):
     """Each parameter's gradient within GRAD_RTOL of the reference, relative to its norm. The key
     bias's true gradient is zero (softmax ignores a shift shared by all keys), so what both
     compute there is rounding noise: a floor of 1e-6 of the whole gradient's norm absorbs it."""
     their_grads = {name: p.grad for name, p in theirs.named_parameters() if p.grad is not None}
+    our_grads = gradients_by_hf_name(ours)
+    assert our_grads.keys() == their_grads.keys()
     floor = 1e-6 * torch.linalg.vector_norm(torch.stack([g.norm() for g in their_grads.values()]))
-    for name, param in ours.named_parameters():
-        reference = their_grads.get(name)
-        if reference is None:
-            assert param.grad is None or not param.grad.any(), name
-            continue
-        error = (param.grad - reference).norm()
+    for name, reference in their_grads.items():
+        error = (our_grads[name] - reference).norm()
         assert error <= GRAD_RTOL * reference.norm() + floor, (
             f"{name}: gradient error {error:.2e}, reference norm {reference.norm():.2e}")
 
@@ -112,16 +126,20 @@ def test_state_dicts_load_both_ways_strictly():
     ours, theirs = BertModel(config), hf_model(config)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     theirs.load_state_dict(ours.state_dict(), strict=True)
-    assert set(ours.state_dict()) == set(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())  # the same keys in the same order
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
 
 
-def test_dropout_placement_matches_transformers():
+@pytest.mark.parametrize("path", PATHS)
+def test_dropout_placement_matches_transformers(path):
     """With the same RNG state, training-mode outputs agree only if every dropout is applied at
     the same place, to the same shape, in the same order as in Hugging Face."""
     config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=128, max_position_embeddings=32,
                         hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.2)
     ours = BertModel(config).train()
+    ours.unpad = PATHS[path]
     theirs = hf_model(config).train()
     theirs.load_state_dict(ours.state_dict())
     ids, mask, types = right_padded_batch(config, [12, 12, 12], torch.Generator().manual_seed(3))
