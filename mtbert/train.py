@@ -131,7 +131,9 @@ def build_parser():
     run.add_argument("--resume", metavar="CHECKPOINT",
                      help="continue a run from OUT/last.pt with the settings stored in it")
     run.add_argument("--use_gpu", action="store_true", help="train on CUDA when available")
-    run.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass (CUDA only)")
+    run.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass, float32 weights and optimizer: on CUDA, or a CPU "
+                          "with bf16 matrix units (AMX or AVX-512 BF16; elsewhere a warning and float32; "
+                          "MTBERT_FORCE_CPU_BF16=1 forces it)")
     run.add_argument("--save-every", type=int, default=defaults.save_every,
                      help="steps between mid-epoch checkpoints, 0 for epoch ends only (default: %(default)s)")
     run.add_argument("--log-every", type=int, default=defaults.log_every,

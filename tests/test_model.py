@@ -131,6 +131,18 @@ def test_state_dicts_load_both_ways_strictly():
         assert torch.equal(ours.state_dict()[key], value), key
 
 
+@pytest.mark.parametrize("hidden", [32, 30])  # 30: a projection's size is not a multiple of 16 numbers
+def test_seeded_initialisation_equals_transformers(hidden):
+    config = BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(5)
+    ours = BertModel(config)
+    torch.manual_seed(5)
+    theirs = hf_model(config)
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_dropout_placement_matches_transformers(path):
     """With the same RNG state, training-mode outputs agree only if every dropout is applied at

@@ -11,6 +11,7 @@ import torch
 from mtbert import BertConfig, BertModel
 from mtbert.data import DEFAULT_FILES, load_task_file, write_synthetic_data
 from mtbert.multitask import checkpoint as checkpoints
+from mtbert.multitask import trainer as trainer_module
 from mtbert.multitask.evaluate import PREDICTION_COLUMNS
 from mtbert.multitask.plot import main as plot_main
 from mtbert.multitask.trainer import Trainer, TrainConfig, epoch_plan, task_probabilities
@@ -309,3 +310,78 @@ def test_loss_weight_scales_only_its_tasks_gradient_row(tiny_model_dir, toy_data
     assert rows[1.0]["sts"].abs().max() > 0
     for task in ("sst", "para"):
         torch.testing.assert_close(rows[0.25][task], rows[1.0][task], rtol=1e-5, atol=1e-9)
+
+
+# -- bfloat16 on the CPU -------------------------------------------------------------------------
+
+def _record_encoder_dtypes(trainer):
+    """Appends the dtype of every encoder forward's last matmul (training, evaluation, prediction)."""
+    dtypes = []
+    trainer.model.encoder.encoder.layer[-1].output.dense.register_forward_hook(
+        lambda module, inputs, output: dtypes.append(output.dtype))
+    return dtypes
+
+
+def test_bf16_trains_on_the_cpu_with_float32_master_weights(tiny_model_dir, toy_data, tmp_path, monkeypatch):
+    """--bf16 forced on any CPU: training, dev evaluation and test prediction all run in bfloat16
+    autocast; parameters, gradient rows and AdamW state stay float32; losses are finite."""
+    monkeypatch.setenv(trainer_module.FORCE_CPU_BF16_ENV, "1")
+    monkeypatch.setattr(trainer_module, "cpu_has_bf16_units", lambda: False)
+    trainer = Trainer(_config(tiny_model_dir, toy_data, tmp_path, bf16=True, grad_method="pcgrad",
+                              max_train_examples=48))
+    dtypes = _record_encoder_dtypes(trainer)
+    trainer.fit()
+    assert trainer.bf16 and dtypes and set(dtypes) == {torch.bfloat16}
+    losses = [value for record in _records(tmp_path, "train") for value in record["loss"].values()]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    flat = trainer.gradients.flat
+    assert flat.is_intact() and {flat.params.dtype, flat.grads.dtype, trainer.optimizer.exp_avg.dtype} == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    dtypes.clear()
+    trainer.finish()  # the dev predictions are cached: its forwards predict the test files
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+
+
+def test_bf16_gradients_close_to_float32(tiny_model_dir, toy_data, tmp_path, monkeypatch):
+    """One step's task gradient rows and their PCGrad combination (Gram in float64) under bfloat16
+    autocast, against float32 from the same weights and batches: within bfloat16's precision."""
+    monkeypatch.setenv(trainer_module.FORCE_CPU_BF16_ENV, "1")
+    rows, combined, losses = {}, {}, {}
+    for bf16 in (False, True):
+        trainer = Trainer(_config(tiny_model_dir, toy_data, tmp_path / str(bf16), bf16=bf16, hidden_dropout_prob=0.0,
+                                  grad_method="pcgrad"))
+        trainer.optimizer.step = trainer.scheduler.step = lambda: None  # combine, but keep the weights
+        dtypes = _record_encoder_dtypes(trainer)
+        losses[bf16], _ = trainer.train_step(("sst", "para", "sts"))
+        assert set(dtypes) == {torch.bfloat16 if bf16 else torch.float32}
+        flat = trainer.gradients.flat
+        rows[bf16], combined[bf16] = flat.grads.clone(), flat.grad.clone()
+    assert rows[True].dtype == combined[True].dtype == torch.float32
+    for task in ("sst", "para", "sts"):
+        assert losses[True][task] == pytest.approx(losses[False][task], rel=2e-2), task
+    for k in range(3):
+        error = (rows[True][k] - rows[False][k]).norm() / rows[False][k].norm()
+        assert error < 3e-2, f"row {k}: relative error {error:.3f}"
+    assert (combined[True] - combined[False]).norm() / combined[False].norm() < 3e-2
+
+
+def test_bf16_without_cpu_units_warns_and_trains_in_float32(tiny_model_dir, toy_data, tmp_path, monkeypatch):
+    monkeypatch.delenv(trainer_module.FORCE_CPU_BF16_ENV, raising=False)
+    monkeypatch.setattr(trainer_module, "cpu_has_bf16_units", lambda: False)
+    with pytest.warns(UserWarning, match="training in float32"):
+        trainer = Trainer(_config(tiny_model_dir, toy_data, tmp_path, bf16=True, max_train_examples=16))
+    dtypes = _record_encoder_dtypes(trainer)
+    trainer.train_step(("sst",))
+    assert not trainer.bf16 and dtypes == [torch.float32]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu sse avx2 avx512f avx512_bf16", True),
+    ("fpu sse avx2 amx_bf16 amx_tile", True),
+    ("fpu sse avx2 avx512f avx512_vnni", False),
+])
+def test_cpu_bf16_units_are_read_from_cpuinfo(tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU bf16\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    assert trainer_module.cpu_has_bf16_units(cpuinfo) is expected
+    assert trainer_module.cpu_has_bf16_units(tmp_path / "missing") is False

@@ -1,9 +1,12 @@
 """The unpadded encoder path (real tokens packed into [T, H]) against the padded reference path,
 and the whole encoder with the Triton kernels (interpreted) against the PyTorch path."""
+import math
+
 import pytest
 import torch
 
 from mtbert import BertConfig, BertModel
+from mtbert.model import CPU_UNPAD_MIN_PADDING
 
 
 def small_config(**changes):
@@ -86,6 +89,38 @@ def test_no_mask_and_full_mask_match_padded():
     torch.testing.assert_close(model(ids, torch.ones_like(ids)).last_hidden_state, reference, atol=1e-5, rtol=0)
 
 
+def lengths_with_padding(slots_padded, B=10, L=20):
+    """B lengths of at most L whose batch has exactly ``slots_padded`` padding positions."""
+    lengths = [L] * B
+    for i in range(slots_padded):
+        lengths[1 + i % (B - 1)] -= 1  # the first row keeps L
+    return lengths
+
+
+def test_auto_runs_unpadded_on_the_cpu_only_from_the_padding_threshold():
+    """unpad="auto" on the CPU: a batch with padding below CPU_UNPAD_MIN_PADDING runs padded (its
+    padding positions hold values), one at or above it unpadded (its padding positions are zero);
+    both equal the padded path at the real tokens."""
+    model = BertModel(small_config()).eval()
+    threshold_slots = math.ceil(CPU_UNPAD_MIN_PADDING * 10 * 20)
+    for slots, unpadded in ((threshold_slots - 1, False), (threshold_slots, True)):
+        batch = right_padded_batch(lengths_with_padding(slots))
+        keep = batch[1].bool()
+        model.unpad = "auto"
+        out = model(*batch).last_hidden_state
+        assert bool((out[~keep] == 0).all()) == unpadded, slots
+        model.unpad = False
+        torch.testing.assert_close(out[keep], model(*batch).last_hidden_state[keep], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("value", ["yes", None, 2])
+def test_unpad_must_be_auto_or_a_bool(value):
+    model = BertModel(small_config())
+    model.unpad = value
+    with pytest.raises(ValueError, match="unpad"):
+        model(torch.ones(1, 4, dtype=torch.long))
+
+
 def test_dropout_identical_to_padded_without_padding():
     """Equal lengths: both paths draw the same random numbers in the same order (hidden dropout
     over [B·L, H] vs [B, L, H]; attention dropout over [B, heads, L, L]), so they agree exactly."""
@@ -140,3 +175,27 @@ def test_encoder_with_triton_kernels_equals_torch_path(monkeypatch, unpad):
     torch.testing.assert_close(actual.pooler_output, expected.pooler_output, atol=1e-5, rtol=1e-5)
     for name, grad in expected_grads.items():
         torch.testing.assert_close(actual_grads[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("unpad", [True, False], ids=["unpadded", "padded"])
+def test_cpu_bf16_autocast_close_to_float32(unpad):
+    """Under CPU bfloat16 autocast both paths run (bfloat16 matmuls meet float32 LayerNorm and
+    GELU parameters and float32 residuals) and stay within bfloat16's precision of float32, with
+    float32 parameter gradients; an all-padding row (padded path) stays finite, its mask too."""
+    model = BertModel(small_config()).eval()
+    batch = right_padded_batch([1, 30, 17, 9])
+    if not unpad:
+        batch[1][0] = 0  # an empty row: only the padded path takes it
+    weights = loss_weights_for(model, batch)
+    expected, expected_grads = run(model, batch, unpad=unpad, loss_weights=weights)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual, actual_grads = run(model, batch, unpad=unpad, loss_weights=weights)
+    assert actual.last_hidden_state.dtype == torch.float32  # the last LayerNorm's residual is float32
+    assert torch.isfinite(actual.last_hidden_state).all() and torch.isfinite(actual.pooler_output).all()
+    keep = batch[1].bool()
+    torch.testing.assert_close(actual.last_hidden_state[keep], expected.last_hidden_state[keep], atol=5e-2, rtol=0)
+    torch.testing.assert_close(actual.pooler_output.float(), expected.pooler_output, atol=3e-2, rtol=0)
+    for name, grad in expected_grads.items():
+        assert actual_grads[name].dtype == torch.float32, name
+        error = (actual_grads[name] - grad).norm() / grad.norm().clamp_min(1e-3)
+        assert error < 5e-2, f"{name}: relative gradient error {error:.3f}"

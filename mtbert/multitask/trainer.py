@@ -4,6 +4,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import time
 import warnings
@@ -22,6 +23,12 @@ from .optimization import GRAD_METHODS, make_gradient_path
 
 logger = logging.getLogger(__name__)
 
+# Set to 1, --bf16 trains in bfloat16 on any CPU (the tests use it), not only one with bf16 units.
+FORCE_CPU_BF16_ENV = "MTBERT_FORCE_CPU_BF16"
+# /proc/cpuinfo flags of bf16 matrix units: AMX tiles (Intel Sapphire Rapids and later) and the
+# AVX-512 BF16 dot products (Intel Cooper Lake, AMD Zen 4). Without them oneDNN emulates bfloat16
+# matrix products, slower than float32's.
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 TASK_SAMPLINGS = ("round-robin", "proportional", "annealed")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 CHECKPOINT_FORMAT = 1
@@ -180,6 +187,19 @@ def lr_lambda(schedule, warmup_steps, total_steps):
     return factor
 
 
+def cpu_has_bf16_units(cpuinfo="/proc/cpuinfo") -> bool:
+    """Whether the CPU lists one of CPU_BF16_FLAGS (False where /proc/cpuinfo does not exist)."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
 def _subset(examples, limit, seed, name):
     if limit is None or len(examples) <= limit:
         return examples
@@ -200,8 +220,9 @@ class Trainer:
         self.device = torch.device("cuda" if config.use_gpu and torch.cuda.is_available() else "cpu")
         if config.use_gpu and self.device.type != "cuda":
             warnings.warn("--use_gpu given but CUDA is not available; training on the CPU")
-        if config.bf16 and self.device.type != "cuda":
-            raise ValueError("--bf16 needs a CUDA device (--use_gpu on a machine with a GPU)")
+        self.bf16 = config.bf16 and self._bf16_available()
+        if self.bf16:
+            logger.info("bfloat16 autocast on %s, float32 parameters, gradients and optimizer state", self.device)
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self.tokenizer = tokenizer or Tokenizer.from_pretrained(config.model)
@@ -262,10 +283,24 @@ class Trainer:
                       for e in range(cfg.epochs)]
         self.total_steps = sum(len(plan) for plan in self.plans)
 
+    def _bf16_available(self) -> bool:
+        """Whether --bf16 can train in bfloat16 here; warns and says why not."""
+        if self.device.type == "cuda" or os.environ.get(FORCE_CPU_BF16_ENV) == "1" or cpu_has_bf16_units():
+            return True
+        warnings.warn(f"--bf16: this CPU has no bfloat16 matrix units ({' or '.join(CPU_BF16_FLAGS)} in "
+                      f"/proc/cpuinfo), where bfloat16 is slower than float32: training in float32. "
+                      f"{FORCE_CPU_BF16_ENV}=1 forces bfloat16.")
+        return False
+
     def _autocast(self):
-        if self.config.bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast(self.device.type, enabled=False)
+        """bfloat16 autocast with --bf16 (the parameters, their gradients and the optimizer stay
+        float32), a no-op context otherwise. Training, evaluation and prediction all run in it."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _prediction_options(self):
+        """The options of every evaluation and prediction (dev each epoch, dev and test at the end)."""
+        return dict(batch_size=self.config.eval_batch_size, max_length=self.config.max_length, device=self.device,
+                    autocast=self._autocast)
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self):
@@ -405,9 +440,7 @@ class Trainer:
         self.save()
 
     def evaluate(self, sets=None):
-        return evaluation.evaluate(self.model, sets or self.dev_sets, self.tokenizer,
-                                   batch_size=self.config.eval_batch_size, max_length=self.config.max_length,
-                                   device=self.device, autocast=self._autocast if self.config.bf16 else None)
+        return evaluation.evaluate(self.model, sets or self.dev_sets, self.tokenizer, **self._prediction_options())
 
     def finish(self):
         """Reloads the best checkpoint, writes dev and test predictions, the plot, and returns the
@@ -418,7 +451,7 @@ class Trainer:
             _, scores, dev_predictions = self._best_dev  # evaluated by this process already
         else:
             scores, dev_predictions = self.evaluate()
-        options = dict(batch_size=self.config.eval_batch_size, max_length=self.config.max_length, device=self.device)
+        options = self._prediction_options()
         written = []
         for task, dev in self.dev_sets.items():
             written.append(evaluation.write_predictions(self.config.prediction_file(task, "dev"), task,
