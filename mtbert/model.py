@@ -352,7 +352,7 @@ class BertModel(nn.Module):
         packed = PackedSequences(F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)), int(lengths.max()))
         x = self.embeddings(input_ids.reshape(-1)[tokens], token_type_ids.reshape(-1)[tokens], tokens % L)  # (T, H)
         x = self.encoder(x, packed)
-        hidden = x.new_zeros(B * L, x.shape[-1]).index_copy(0, tokens, x).view(B, L, -1)  # (B, L, H)
+        hidden = x.new_zeros(B * L, x.shape[-1]).index_copy_(0, tokens, x).view(B, L, -1)  # (B, L, H), one copy
         return BertModelOutput(last_hidden_state=hidden, pooler_output=self.pooler(hidden))
 
 
