@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import paper_table  # noqa: E402
 
-from mtbert.train import build_parser, config_from_args  # noqa: E402
+from mtbert.train import build_parser, config_for_new_run, settings_from_args  # noqa: E402
 
 
 @pytest.mark.parametrize("name", paper_table.ROW_NAMES)
@@ -17,7 +17,7 @@ def test_row_parses_into_train_config(name, tmp_path):
     _, _, flags = next(row for row in paper_table.ROWS if row[0] == name)
     argv = paper_table.train_argv(flags, tmp_path / "data", tmp_path / "out", steps=7, batch_size=3, seed=5,
                                   max_dev_examples=11)
-    config = config_from_args(build_parser().parse_args(argv))
+    config = config_for_new_run(settings_from_args(build_parser().parse_args(argv)))
     assert config.max_train_examples == 21 and config.batch_size == 3 and config.seed == 5
     assert config.max_dev_examples == 11 and config.epochs == 1 and config.out == str(tmp_path / "out")
     options = dict(zip(flags[::2], flags[1::2]))  # every row flag takes one value
