@@ -62,7 +62,6 @@ def _argparse_type(convert):
             return convert(text)
         except ValueError as err:
             raise argparse.ArgumentTypeError(str(err)) from None
-    parse.__name__ = convert.__name__  # argparse names the type in "invalid int value"
     return parse
 
 
@@ -87,7 +86,7 @@ def build_parser():
                 group.add_argument(f"--{key}", dest=f"{field.name}.{key}", help=key_help, **spec)
             continue
         if "action" not in spec:
-            spec["type"] = _argparse_type(spec.get("type", field.type))
+            spec["type"] = _argparse_type(spec["type"]) if "type" in spec else field.type
             if show_default:
                 default = field.default_factory() if field.default is dataclasses.MISSING else field.default
                 help_text += f" (default: {default})"

@@ -2,41 +2,18 @@
 option trains with finite losses, the loss goes down, resume equals an uninterrupted run, the
 prediction files and the plot are written."""
 import json
-import shutil
 import warnings
 
 import pytest
 import torch
 
-from mtbert import BertConfig, BertModel
-from mtbert.data import DEFAULT_FILES, load_task_file, write_synthetic_data
+from mtbert.data import DEFAULT_FILES, load_task_file
 from mtbert.multitask import checkpoint as checkpoints
 from mtbert.multitask.evaluate import PREDICTION_COLUMNS
 from mtbert.multitask.plot import main as plot_main
 from mtbert.multitask.trainer import Trainer, TrainConfig, epoch_plan, task_probabilities
-from mtbert.pretrained import resolve_model_dir
 from mtbert.train import build_parser, config_for_new_run, settings_from_args
 from mtbert.train import main as train_main
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A 2-layer, hidden-32 random BERT with the MiniLM vocabulary, saved as a local checkpoint."""
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    minilm = resolve_model_dir("all-MiniLM-L6-v2")
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
-        if (minilm / name).is_file():
-            shutil.copy(minilm / name, directory / name)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def toy_data(tmp_path_factory):
-    return write_synthetic_data(tmp_path_factory.mktemp("toy-data"), n_train=96, n_dev=24, n_test=16, seed=1)
 
 
 def _config(tiny_model_dir, toy_data, out, **overrides):
