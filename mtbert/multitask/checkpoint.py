@@ -31,6 +31,8 @@ def save_checkpoint(state: dict, path) -> Path:
     global _saves
     path = Path(path)
     make_directory(path.parent, "checkpoint directory")
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
+        stale.unlink(missing_ok=True)
     temporary = None
     try:
         descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -421,13 +421,13 @@ class Trainer:
         self.train_seconds = state.get("train_seconds", 0.0)
         self.loss_window = state.get("loss_window", {t: [0.0, 0] for t in self.config.tasks})
         self.token_slots = state.get("token_slots", {t: [0, 0] for t in self.config.tasks})
-        self._truncate_metrics(self.global_step)
 
     def save(self, name="last.pt"):
         return save_checkpoint(self.state_dict(), self.out / name)
 
     def _truncate_metrics(self, step):
-        """Drops the records a killed run wrote after its last checkpoint; they are redone."""
+        """Drops the records a killed run wrote after its last checkpoint (all of them when this run
+        starts from scratch in the same directory); they are redone."""
         path = self.out / "metrics.jsonl"
         if path.is_file():
             records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -471,7 +471,7 @@ class Trainer:
 
     def fit(self):
         cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
+        self._truncate_metrics(self.global_step)
         (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
         while self.epoch < cfg.epochs:
             self._run_epoch()
