@@ -38,7 +38,7 @@ def _check(directory):
     return status if found else 1
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(prog="python -m mtbert.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +52,11 @@ def main(argv=None):
     check = commands.add_parser("check", help="load every CS224N file in a directory and count rows")
     check.add_argument("directory", type=Path)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not only its message")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return run_command(parser.prog, lambda: _run(args), debug=args.debug)

@@ -20,7 +20,7 @@ from .errors import MissingFileError
 logger = logging.getLogger(__name__)
 
 BUNDLED_MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
-DEFAULT_MODEL = "all-MiniLM-L6-v2"
+DEFAULT_MODEL = BUNDLED_MINILM_NAMES[0]
 _ENCODER_PREFIXES = ("embeddings.", "encoder.", "pooler.")
 
 

@@ -1,15 +1,12 @@
 """benchmarks/paper_table.py: every row's argument list is a valid `mtbert.train` command (the
 train CLI's own parser and TrainConfig validation), with the configuration the row names, and
 the table renders every finished row."""
-import sys
-from pathlib import Path
-
 import pytest
+from benchmark_scripts import load_benchmark_script
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import paper_table  # noqa: E402
+from mtbert.train import build_parser, config_for_new_run, settings_from_args
 
-from mtbert.train import build_parser, config_for_new_run, settings_from_args  # noqa: E402
+paper_table = load_benchmark_script("paper_table")
 
 
 @pytest.mark.parametrize("name", paper_table.ROW_NAMES)
