@@ -6,6 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Property-based tests (test_properties.py) draw the same examples on every run and machine: a
+# fixed seed, no example database; each property sets its own number of examples.
+settings.register_profile("mtbert", derandomize=True, database=None, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("mtbert")
 
 # Triton decides at decoration time whether a kernel is interpreted, so this must happen before
 # any mtbert kernel module is imported: without a GPU, Triton kernels run in its CPU interpreter.
