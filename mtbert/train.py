@@ -29,7 +29,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import ConfigError, run_command
+from .errors import CheckpointError, ConfigError, run_command
 from .multitask.data import write_synthetic_data
 from .multitask.evaluate import summary_table
 from .multitask.paper import PAPER_DEV
@@ -79,7 +79,8 @@ def build_parser():
     for field in dataclasses.fields(TrainConfig):
         spec = dict(field.metadata["cli"])
         group, help_text, flags = groups[spec.pop("group")], spec.pop("help"), spec.pop("flags")
-        show_default, per_key, alias = spec.pop("show_default", True), spec.pop("per_key", None), spec.pop("alias", None)
+        show_default, per_key = spec.pop("show_default", True), spec.pop("per_key", None)
+        alias = spec.pop("alias", None)
         spec.pop("env", None)
         if per_key:
             for key, key_help in per_key.items():
@@ -97,7 +98,8 @@ def build_parser():
     groups["data"].add_argument("--synthetic", action="store_true", default=False,
                                 help="train on a small built-in synthetic sanity set (written to OUT/synthetic-data)")
     groups["data"].add_argument("--synthetic-if-missing", action="store_true", default=False,
-                                help="use the synthetic set when the CS224N files are not found (what `make demo` does)")
+                                help="use the synthetic set when the CS224N files are not found "
+                                     "(what `make demo` does)")
     groups["run"].add_argument("--resume", metavar="CHECKPOINT", default=None,
                                help="continue a run from OUT/last.pt with the settings stored in it")
     groups["run"].add_argument("--debug", action="store_true", default=False,
@@ -130,17 +132,22 @@ def config_for_new_run(settings) -> TrainConfig:
 
 
 def _comparable(name, value):
-    if name in _PATH_SETTINGS and value is not None:
-        return {k: os.path.normpath(v) for k, v in value.items()} if isinstance(value, dict) else os.path.normpath(value)
-    return value
+    if name not in _PATH_SETTINGS or value is None:
+        return value
+    return {k: os.path.normpath(v) for k, v in value.items()} if isinstance(value, dict) else os.path.normpath(value)
 
 
 def config_for_resume(stored: dict, settings: dict, checkpoint) -> TrainConfig:
     """The checkpoint's settings; a given flag must agree with them (repeating the run's command
     with --resume is fine) except those in RESUME_OVERRIDABLE, which replace them. The data flags
     of a run on the synthetic set are not compared (its data moved to OUT/synthetic-data)."""
-    synthetic = Path(stored["data"]).name == "synthetic-data"
     flags = {field.name: field for field in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(stored) - set(flags))
+    if unknown:
+        raise CheckpointError(f"{checkpoint} holds settings this version does not know ({', '.join(unknown)}): "
+                              "it was written by another version of mtbert")
+    stored = TrainConfig(**stored).to_dict()  # settings added since the checkpoint take their defaults
+    synthetic = Path(stored["data"]).name == "synthetic-data"
     contradictions = []
     for name, value in settings.items():
         if name in RESUME_OVERRIDABLE or (synthetic and name in ("data", "files")):

@@ -4,6 +4,7 @@ checkpoint write under a full disk, SIGTERM during training, and --resume with c
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,7 +75,7 @@ def test_bad_data_file_gives_one_line_and_status_2(train, tmp_path, case):
     path = _bad_file(tmp_path, f"{case}.csv", content)
     status, errors = train("--sst_train", path)
     assert status == 2 and len(errors) == 1, errors
-    assert str(path) in errors[0] and pytest.importorskip("re").search(message, errors[0]), errors[0]
+    assert str(path) in errors[0] and re.search(message, errors[0]), errors[0]
 
 
 def test_missing_and_directory_data_paths(train, tmp_path):
@@ -140,6 +141,11 @@ def test_truncated_and_foreign_checkpoints(train, tmp_path, finished_run):
                           ("weights.pt", "is not a training checkpoint of mtbert-train (format None, expected 1)")]:
         status, errors = train("--resume", tmp_path / name)
         assert status == 2 and message in errors[0], errors
+    newer = checkpoints.load_checkpoint(done / "last.pt")
+    newer["config"]["warp_drive"] = True
+    torch.save(newer, tmp_path / "newer.pt")
+    status, errors = train("--resume", tmp_path / "newer.pt")
+    assert status == 2 and "holds settings this version does not know (warp_drive)" in errors[0], errors
     status, errors = train("--resume", done / "best.pt")
     assert status == 2 and "is a best-model checkpoint (best.pt)" in errors[0] and "resume from last.pt" in errors[0]
     status, errors = train("--resume", tmp_path / "none.pt")
@@ -170,7 +176,8 @@ def test_debug_shows_the_traceback(train, tmp_path):
 def test_user_error_from_the_real_entry_point(tmp_path):
     """The installed command's path (``sys.exit(main())``): one line on stderr, status 2."""
     command = [sys.executable, "-m", "mtbert.train", "--out", str(tmp_path / "out"), "--model", str(tmp_path / "none")]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=environment)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         f"mtbert-train: error: Could not find the model '{tmp_path / 'none'}'. Looked in: the directory "
         f"{tmp_path / 'none'}. mtbert never downloads weights: pass a directory containing config.json and "

@@ -1,5 +1,4 @@
 """MultitaskBert: one shared BERT encoder, a sentiment head and two sentence-pair heads."""
-import torch
 import torch.nn as nn
 
 from ..encode import POOLINGS, pool

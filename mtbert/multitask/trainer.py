@@ -76,76 +76,76 @@ class TrainConfig:
     """Every setting of a run; checkpoints store it. Each field declares its command-line flag
     (:func:`setting`), from which ``mtbert.train`` builds its parser."""
     data: str = setting("data", group="data", env="MTBERT_DATA", show_default=False,
-                       help="directory holding the CS224N files (default: $MTBERT_DATA or ./data)")
+                        help="directory holding the CS224N files (default: $MTBERT_DATA or ./data)")
     out: str = setting("runs/mtbert", group="run", help="output directory")
     tasks: tuple = setting(TASKS, group="data", type=parse_task_list, show_default=False,
-                          help="comma-separated tasks to train (default: sst,para,sts)")
+                           help="comma-separated tasks to train (default: sst,para,sts)")
     # Data files; absent means DATA/<the CS224N starter's file name>. A missing test file only
     # means no test predictions for that task.
     files: dict = setting(group="data", default_factory=dict, per_key=DATA_FILE_KEYS, metavar="FILE",
-                         help="data files (file names default to the CS224N starter's, inside --data)")
+                          help="data files (file names default to the CS224N starter's, inside --data)")
     prediction_files: dict = setting(group="data", default_factory=dict, per_key=PREDICTION_FILE_KEYS,
-                                    metavar="FILE", help="prediction files")
+                                     metavar="FILE", help="prediction files")
     model: str = setting(DEFAULT_MODEL, group="model",
-                        help=f"encoder: a name ({DEFAULT_MODEL} is bundled) or a local BERT checkpoint directory")
+                         help=f"encoder: a name ({DEFAULT_MODEL} is bundled) or a local BERT checkpoint directory")
     pooling: str = setting("mean", group="model", choices=POOLINGS,
-                          help="sentence vector: mean of the tokens, the raw [CLS] vector, or the [CLS] "
-                               "pooler tanh(W·[CLS]) (the CS224N starter's pooler_output)")
+                           help="sentence vector: mean of the tokens, the raw [CLS] vector, or the [CLS] "
+                                "pooler tanh(W·[CLS]) (the CS224N starter's pooler_output)")
     para_head: str = setting("sbert", "--para-head", group="model", choices=PAIR_HEADS,
-                            help="paraphrase head: concat [u;v]→Linear, scaled cosine, sbert (u,v,|u−v|)→Linear, "
-                                 "or cross (the pair encoded together)")
+                             help="paraphrase head: concat [u;v]→Linear, scaled cosine, "
+                                  "sbert (u,v,|u−v|)→Linear, or cross (the pair encoded together)")
     sts_head: str = setting("sbert", "--sts-head", group="model", choices=PAIR_HEADS,
-                           help="STS head, same choices")
+                            help="STS head, same choices")
     sts_loss: str = setting("mse", "--sts-loss", group="model", choices=STS_LOSSES,
-                           help="STS loss: mse on 0–5, ce = BCE against similarity/5 (the paper's uniform "
-                                "cross-entropy), cosine-mse (SBERT), cosent (ranking)")
+                            help="STS loss: mse on 0–5, ce = BCE against similarity/5 (the paper's uniform "
+                                 "cross-entropy), cosine-mse (SBERT), cosent (ranking)")
     # Task → multiplier of its loss (1.0 when absent). Balances tasks whose gradients differ in
     # size: CoSENT's encoder gradient is 30–60× SST's at the start of fine-tuning.
     loss_weights: dict = setting(group="optimization", default_factory=dict, type=parse_loss_weights,
-                                metavar="TASK=W[,TASK=W]", show_default=False,
-                                help="multiply a task's loss, e.g. sts=0.05 to bring CoSENT's large gradient to "
-                                     "the size of the other tasks' (default: 1 for every task)")
+                                 metavar="TASK=W[,TASK=W]", show_default=False,
+                                 help="multiply a task's loss, e.g. sts=0.05 to bring CoSENT's large gradient to "
+                                      "the size of the other tasks' (default: 1 for every task)")
     option: str = setting("finetune", group="optimization", choices=("pretrain", "finetune"),
-                         alias=("--fine-tune-mode", {"last-linear-layer": "pretrain", "full-model": "finetune"},
-                                "the newer starter's name for --option: last-linear-layer = pretrain, "
-                                "full-model = finetune"),
-                         help="pretrain: freeze the encoder, train the heads (the CS224N baseline); "
-                              "finetune: train everything")
+                          alias=("--fine-tune-mode", {"last-linear-layer": "pretrain", "full-model": "finetune"},
+                                 "the newer starter's name for --option: last-linear-layer = pretrain, "
+                                 "full-model = finetune"),
+                          help="pretrain: freeze the encoder, train the heads (the CS224N baseline); "
+                               "finetune: train everything")
     hidden_dropout_prob: float = setting(0.3, "--hidden_dropout_prob", group="model",
-                                        help="dropout of the encoder and the heads (the starter's default)")
-    epochs: int = setting(10, group="optimization", help="passes over the largest task")
+                                         help="dropout of the encoder and the heads (the starter's default)")
+    epochs: int = setting(10, group="optimization", help="training epochs (round-robin: passes over the largest task)")
     batch_size: int = setting(32, "--batch_size", group="optimization", help="examples per task per step")
     eval_batch_size: int = setting(128, group="optimization", help="examples per evaluation batch")
     lr: float = setting(None, group="optimization", show_default=False,
-                       help="learning rate (default: 1e-3 with pretrain, 1e-5 with finetune, the starter's advice)")
+                        help="learning rate (default: 1e-3 with pretrain, 1e-5 with finetune, the starter's advice)")
     weight_decay: float = setting(0.0, group="optimization",
-                                 help="AdamW decoupled weight decay, not applied to biases and LayerNorm")
+                                  help="AdamW decoupled weight decay, not applied to biases and LayerNorm")
     warmup: float = setting(0.0, group="optimization",
-                           help="fraction of all steps with a linear learning-rate warmup")
+                            help="fraction of all steps with a linear learning-rate warmup")
     schedule: str = setting("constant", group="optimization", choices=LR_SCHEDULES,
-                           help="learning-rate schedule after warmup")
+                            help="learning-rate schedule after warmup")
     grad_method: str = setting("sum", group="optimization", choices=METHODS,
-                              help="how the task gradients combine: sum, pcgrad (Yu et al. 2020), main-aux "
-                                   "(Bi et al. 2022: PCGrad of the main task against λ·Σ auxiliary)")
+                               help="how the task gradients combine: sum, pcgrad (Yu et al. 2020), main-aux "
+                                    "(Bi et al. 2022: PCGrad of the main task against λ·Σ auxiliary)")
     main_task: str = setting("sst", group="optimization", choices=TASKS, help="main task of --grad-method main-aux")
     aux_weight: float = setting(0.3, group="optimization", help="λ, weight of the auxiliary tasks in main-aux")
     task_sampling: str = setting("round-robin", group="optimization", choices=TASK_SAMPLINGS,
-                                help="round-robin: one batch of every task per step, smaller tasks cycle; "
-                                     "proportional to size; annealed (Stickland & Murray 2019)")
+                                 help="round-robin: one batch of every task per step, smaller tasks cycle; "
+                                      "proportional to size; annealed (Stickland & Murray 2019)")
     max_length: int = setting(128, group="data", help="truncate encodings to this many tokens")
     bucket: bool = setting(True, "--no-bucket", group="data", action="store_false",
-                          help="plain shuffled batches instead of length-bucketed ones (more padding)")
+                           help="plain shuffled batches instead of length-bucketed ones (more padding)")
     max_train_examples: int = setting(None, group="data", metavar="N", show_default=False,
-                                     help="train on a seeded random subset of at most N examples per task")
+                                      help="train on a seeded random subset of at most N examples per task")
     max_dev_examples: int = setting(None, group="data", metavar="N", show_default=False,
-                                   help="evaluate on at most N dev examples per task")
+                                    help="evaluate on at most N dev examples per task")
     seed: int = setting(11711, group="optimization", help="seed of every random draw")
     use_gpu: bool = setting(False, "--use_gpu", group="run", action="store_true",
-                           help="train on CUDA when available")
+                            help="train on CUDA when available")
     bf16: bool = setting(False, group="run", action="store_true",
-                        help="bfloat16 autocast for the forward pass (CUDA only)")
+                         help="bfloat16 autocast for the forward pass (CUDA only)")
     save_every: int = setting(500, group="run",
-                             help="steps between mid-epoch checkpoints, 0 for epoch ends only")
+                              help="steps between mid-epoch checkpoints, 0 for epoch ends only")
     log_every: int = setting(25, group="run", help="steps between training-loss records in metrics.jsonl")
     progress: bool = setting(True, "--no-progress", group="run", action="store_false", help="no progress bar")
 
@@ -342,7 +342,8 @@ class Trainer:
             dev = load_task_file(task, cfg.file(task, "dev"), labeled=True)
             dev.examples = _subset(dev.examples, cfg.max_dev_examples, cfg.seed, f"{task}-dev")
             if len(dev.examples) < 2:  # Pearson and accuracy need rows to compare
-                raise DataFileError(f"{dev.path} has {len(dev.examples)} usable dev row(s); evaluation needs at least 2")
+                raise DataFileError(f"{dev.path} has {len(dev.examples)} usable dev row(s); "
+                                    "evaluation needs at least 2")
             self.dev_sets[task] = dev
             test_path = cfg.file(task, "test")
             if test_path.is_file():
