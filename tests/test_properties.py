@@ -259,6 +259,7 @@ def kernel_cases(draw, op, backend):
     return dict(op=op, backend=backend, rows=draw(st.integers(1, 5)),
                 width=draw(st.integers(1, 40)), lengths=lengths, heads=draw(st.integers(1, 2)),
                 head_dim=draw(st.sampled_from([8, 16, 32])), scale=draw(st.sampled_from([1e-2, 1.0, 1e2])),
+                dtype=draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16])),
                 seed=draw(st.integers(0, 2 ** 31 - 1)))
 
 
@@ -275,8 +276,8 @@ def _attention_float64(q, k, v, lengths):
 def check_kernel(case):
     generator = torch.Generator().manual_seed(case["seed"])
 
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator) * case["scale"]
+    def randn(*shape):  # in the case's dtype; the float64 references see these rounded values
+        return (torch.randn(*shape, generator=generator) * case["scale"]).to(case["dtype"])
 
     os.environ["MTBERT_KERNELS"] = case["backend"]
     try:
@@ -284,17 +285,17 @@ def check_kernel(case):
             x, residual = randn(case["rows"], case["width"]), randn(case["rows"], case["width"])
             weight, bias = randn(case["width"]), randn(case["width"])
             got = kernels.add_layer_norm(x, residual, weight, bias, 1e-5)
-            expected = torch.nn.functional.layer_norm((x + residual).double(), (case["width"],), weight.double(),
-                                                      bias.double(), 1e-5)
+            expected = torch.nn.functional.layer_norm(x.double() + residual.double(), (case["width"],),
+                                                      weight.double(), bias.double(), 1e-5)
             tolerance = 1e-4 * max(1.0, weight.abs().max().item()) + 1e-5 * bias.abs().max().item()
         elif case["op"] == "bias_gelu":
             x, bias = randn(case["rows"], case["width"]), randn(case["width"])
             got = kernels.bias_gelu(x, bias)
-            expected = torch.nn.functional.gelu((x + bias).double())
+            expected = torch.nn.functional.gelu(x.double() + bias.double())
             tolerance = 1e-5 * max(1.0, expected.abs().max().item())
         else:
             lengths, T = case["lengths"], sum(case["lengths"])
-            q, k, v = (randn(T, case["heads"], case["head_dim"]) / case["scale"] for _ in range(3))
+            q, k, v = ((randn(T, case["heads"], case["head_dim"]) / case["scale"]).to(case["dtype"]) for _ in range(3))
             cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
             if case["backend"] == "triton" and case["head_dim"] not in (16, 32, 64, 128):
                 with pytest.raises(Exception) as error:
@@ -306,13 +307,17 @@ def check_kernel(case):
             tolerance = 1e-4 * max(1.0, v.abs().max().item())
     finally:
         del os.environ["MTBERT_KERNELS"]
-    assert_finite_and_close(got, expected, atol=tolerance, rtol=1e-4, what=f"{case['op']} ({case['backend']})")
+    assert got.dtype == case["dtype"], f"{case['op']} returned {got.dtype} for {case['dtype']} inputs"
+    # Half precision: a few roundings of the output's size on top (the result is stored in that dtype).
+    rounding = 0.0 if case["dtype"] == torch.float32 else 8 * torch.finfo(case["dtype"]).eps
+    assert_finite_and_close(got, expected, atol=tolerance + rounding * expected.abs().max().item(),
+                            rtol=1e-4 + rounding, what=f"{case['op']} ({case['backend']}, {case['dtype']})")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("op", KERNEL_OPS)
 def test_kernels_equal_float64_formulas(op, backend):
-    run_property(check_kernel, kernel_cases(op, backend), examples=10)
+    run_property(check_kernel, kernel_cases(op, backend), examples=16)
 
 
 def test_kernel_property_catches_a_planted_bug(monkeypatch):
