@@ -24,7 +24,7 @@ from .multitask.evaluate import summary_table
 from .multitask.heads import PAIR_HEADS
 from .multitask.losses import STS_LOSSES
 from .multitask.optimization import GRAD_METHODS
-from .multitask.trainer import LR_SCHEDULES, TASK_SAMPLINGS, TrainConfig
+from .multitask.trainer import LR_SCHEDULES, PASSES, TASK_SAMPLINGS, TrainConfig
 
 logger = logging.getLogger("mtbert.train")
 
@@ -124,6 +124,10 @@ def build_parser():
     optim.add_argument("--task-sampling", choices=TASK_SAMPLINGS, default=defaults.task_sampling,
                        help="round-robin: one batch of every task per step, smaller tasks cycle; proportional "
                             "to size; annealed (Stickland & Murray 2019) (default: %(default)s)")
+    optim.add_argument("--passes", choices=PASSES, default=defaults.passes,
+                       help="packed: one encoder forward and backward for all tasks of a step, each task's "
+                            "gradient split by its tokens; per-task: one pass per task (the reference) "
+                            "(default: %(default)s)")
     optim.add_argument("--seed", type=int, default=defaults.seed, help="(default: %(default)s)")
 
     run = parser.add_argument_group("run")
@@ -154,7 +158,7 @@ def config_from_args(args) -> TrainConfig:
         hidden_dropout_prob=args.hidden_dropout_prob, epochs=args.epochs,
         batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup=args.warmup, schedule=args.schedule, grad_method=args.grad_method,
-        main_task=args.main_task, aux_weight=args.aux_weight, task_sampling=args.task_sampling,
+        main_task=args.main_task, aux_weight=args.aux_weight, task_sampling=args.task_sampling, passes=args.passes,
         max_length=args.max_length, bucket=args.bucket, max_train_examples=args.max_train_examples,
         max_dev_examples=args.max_dev_examples, seed=args.seed, use_gpu=args.use_gpu, bf16=args.bf16,
         save_every=args.save_every, log_every=args.log_every, progress=args.progress)

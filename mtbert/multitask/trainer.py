@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..tokenizer import Tokenizer
 from . import evaluate as evaluation
 from .checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
-from .data import DEFAULT_FILES, TASKS, LengthBucketSampler, collate, example_lengths, load_task_file
+from .data import DEFAULT_FILES, TASKS, LengthBucketSampler, collate, concat_inputs, example_lengths, load_task_file
 from .model import MultitaskBert
 from .optimization import GRAD_METHODS, make_gradient_path
 
@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 TASK_SAMPLINGS = ("round-robin", "proportional", "annealed")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+# packed: one encoder forward and backward over all task slots of a step, each task's gradient
+# split into its row by the encoder's ops; per-task: one forward and backward per slot (the reference).
+PASSES = ("packed", "per-task")
 CHECKPOINT_FORMAT = 1
 
 
@@ -58,6 +61,7 @@ class TrainConfig:
     main_task: str = "sst"
     aux_weight: float = 0.3
     task_sampling: str = "round-robin"
+    passes: str = "packed"
     max_length: int = 128
     bucket: bool = True
     max_train_examples: int = None  # per task, a seeded random subset
@@ -78,7 +82,7 @@ class TrainConfig:
             raise ValueError("tasks must name at least one task")
         checks = [("option", self.option, ("pretrain", "finetune")), ("grad_method", self.grad_method, GRAD_METHODS),
                   ("task_sampling", self.task_sampling, TASK_SAMPLINGS), ("schedule", self.schedule, LR_SCHEDULES),
-                  ("main_task", self.main_task, TASKS)]
+                  ("main_task", self.main_task, TASKS), ("passes", self.passes, PASSES)]
         for name, value, allowed in checks:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -317,33 +321,77 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------------
     def train_step(self, tasks):
-        """Forward + backward of one batch per task slot, then the combined update. Returns
-        ({task: loss}, examples) or (None, examples) when a non-finite loss skipped the step."""
+        """Draws the next batch of each task slot, then :meth:`run_step`."""
+        return self.run_step(tasks, [self._next_batch(task) for task in tasks])
+
+    def _next_batch(self, task):
+        indices = self.streams[task].next()
+        batch = collate([self.train_sets[task].examples[i] for i in indices], self.tokenizer,
+                        self.model.pair_mode(task), self.config.max_length)
+        mask = batch["inputs"]["attention_mask"]
+        self.token_slots[task][0] += int(mask.sum())
+        self.token_slots[task][1] += mask.numel()
+        return batch
+
+    def run_step(self, tasks, batches):
+        """Forward + backward of ``batches`` (one collated batch per task slot, as ``collate``
+        makes them), in one packed pass or one pass per slot (``config.passes``), then the
+        combined update. Returns ({task: loss}, examples) or (None, examples) when a non-finite
+        loss skipped the step."""
         self.gradients.zero_grad()
-        step_losses, examples = {}, 0
-        for task in tasks:
-            indices = self.streams[task].next()
-            batch = collate([self.train_sets[task].examples[i] for i in indices], self.tokenizer,
-                            self.model.pair_mode(task), self.config.max_length)
-            inputs = {k: v.to(self.device) for k, v in batch["inputs"].items()}
-            mask = batch["inputs"]["attention_mask"]
-            self.token_slots[task][0] += int(mask.sum())
-            self.token_slots[task][1] += mask.numel()
-            with self._autocast():
-                scores = self.model(task, inputs)
-            loss = self.model.loss(task, scores.float(), batch["labels"].to(self.device))
-            examples += len(indices)
-            if not torch.isfinite(loss):
-                self.skipped_steps += 1
-                warnings.warn(f"non-finite {task} loss at step {self.global_step}: step skipped "
-                              f"({self.skipped_steps} so far)")
-                self.gradients.zero_grad()
-                return None, examples
-            self.gradients.backward(task, self.config.loss_weights.get(task, 1.0) * loss)
-            step_losses[task] = step_losses.get(task, 0.0) + loss.item()
+        examples = sum(len(batch["labels"]) for batch in batches)
+        run = self._packed_pass if self.config.passes == "packed" else self._per_task_passes
+        step_losses = run(tasks, batches)
+        if step_losses is None:
+            self.gradients.zero_grad()
+            return None, examples
         self.gradients.step()
         self.scheduler.step()
         return step_losses, examples
+
+    def _finite(self, task, loss):
+        """Whether ``loss`` is finite; if not, counts the skipped step and warns."""
+        if torch.isfinite(loss):
+            return True
+        self.skipped_steps += 1
+        warnings.warn(f"non-finite {task} loss at step {self.global_step}: step skipped ({self.skipped_steps} so far)")
+        return False
+
+    def _per_task_passes(self, tasks, batches):
+        step_losses = {}
+        for task, batch in zip(tasks, batches):
+            inputs = {k: v.to(self.device) for k, v in batch["inputs"].items()}
+            with self._autocast():
+                scores = self.model(task, inputs)
+            loss = self.model.loss(task, scores.float(), batch["labels"].to(self.device))
+            if not self._finite(task, loss):
+                return None
+            self.gradients.backward(task, self.config.loss_weights.get(task, 1.0) * loss)
+            step_losses[task] = step_losses.get(task, 0.0) + loss.item()
+        return step_losses
+
+    def _packed_pass(self, tasks, batches):
+        # Slots in gradient-row order, so that each task's sequences are one range of rows.
+        slots = sorted(zip(tasks, batches), key=lambda slot: self.config.tasks.index(slot[0]))
+        tasks = [task for task, _ in slots]
+        inputs, offsets = concat_inputs([batch["inputs"] for _, batch in slots],
+                                        self.model.encoder.config.pad_token_id)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        task_rows = {}
+        for task, begin, end in zip(tasks, offsets, offsets[1:]):
+            task_rows[task] = (task_rows.get(task, (begin,))[0], end)
+        with self.gradients.task_segments(inputs["attention_mask"], task_rows), self._autocast():
+            scores = self.model.forward_packed(tasks, inputs, offsets)
+        losses = [self.model.loss(task, task_scores.float(), batch["labels"].to(self.device))
+                  for task, task_scores, (_, batch) in zip(tasks, scores, slots)]
+        if not all(self._finite(task, loss) for task, loss in zip(tasks, losses)):
+            return None
+        self.gradients.backward_packed(sum(self.config.loss_weights.get(task, 1.0) * loss
+                                           for task, loss in zip(tasks, losses)))
+        step_losses = {}
+        for task, loss in zip(tasks, losses):
+            step_losses[task] = step_losses.get(task, 0.0) + loss.item()
+        return step_losses
 
     def fit(self):
         cfg = self.config
