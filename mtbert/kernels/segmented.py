@@ -113,6 +113,15 @@ def _accumulate(destination: torch.Tensor, value: torch.Tensor):
     destination.add_(value.to(destination.dtype))
 
 
+def _accumulate_row_sum(destination: torch.Tensor, rows: torch.Tensor):
+    """destination += the sum of ``rows`` [M, N] over M, as a matrix-vector product (several times
+    faster than ``sum(0)`` on 2 CPU cores, measured)."""
+    if rows.dtype == destination.dtype:
+        destination.addmv_(rows.t(), rows.new_ones(rows.shape[0]))
+    else:
+        _accumulate(destination, rows.sum(0))
+
+
 def _accumulate_mm(destination: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
     """destination += a @ b, in place when the dtypes allow (no [out, in] temporary)."""
     if a.dtype == b.dtype == destination.dtype:
@@ -161,7 +170,7 @@ class _SegmentedLinear(torch.autograd.Function):
                 if ctx.weight_destinations[j] is not None:
                     _accumulate_mm(ctx.weight_destinations[j][k], block.t(), x_k)
                 if ctx.bias_destinations and ctx.bias_destinations[j] is not None:
-                    _accumulate(ctx.bias_destinations[j][k], block.sum(0))
+                    _accumulate_row_sum(ctx.bias_destinations[j][k], block)
                 column += size
         return (grad_x, None, None) + (None,) * (len(ctx.block_sizes) + len(ctx.bias_destinations))
 
@@ -186,18 +195,18 @@ class _SegmentedAddLayerNorm(torch.autograd.Function):
         ctx.input_dtypes = x.dtype, None if residual is None else residual.dtype
         if use_triton:
             y, mean, rstd = _layer_norm.add_layer_norm_forward(x, residual, weight, bias, eps)
-            ctx.save_for_backward(x, residual, weight, mean, rstd)
+            ctx.save_for_backward(x, residual, weight, bias, mean, rstd)
             return y
         z = x if residual is None else x + residual
         if _autocast_dtype(x.device.type) is not None:
             z = z.float()  # autocast runs layer_norm in float32
         y, mean, rstd = torch.native_layer_norm(z, [N], weight, bias, eps)
-        ctx.save_for_backward(z, None, weight, mean, rstd)
+        ctx.save_for_backward(z, None, weight, bias, mean, rstd)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        z, residual, weight, mean, rstd = ctx.saved_tensors
+        z, residual, weight, bias, mean, rstd = ctx.saved_tensors
         weight_destinations, bias_destinations = ctx.destinations
         N = z.shape[-1]
         dy = _rows(grad_y)
@@ -217,18 +226,22 @@ class _SegmentedAddLayerNorm(torch.autograd.Function):
                 if bias_destinations is not None:
                     _accumulate(bias_destinations[k], grad_bias)
             grad_z = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).view(grad_y.shape)
-        else:
-            grad_z = torch.ops.aten.native_layer_norm_backward(
-                grad_y, z, [N], mean, rstd, weight, None, [True, False, False])[0]
-            if weight_destinations is not None:
-                dy_z_hat = dy * _rows((z - mean) * rstd)
+        else:  # PyTorch's fused LayerNorm backward on each segment's rows, into one grad_z
+            z, mean, rstd = _rows(z), mean.reshape(-1, 1), rstd.reshape(-1, 1)
+            grad_z = torch.empty_like(z)
+            mask = [True, weight_destinations is not None, bias_destinations is not None]
             for k, (begin, end) in enumerate(ctx.ranges):
                 if begin == end:
                     continue
+                grad_weight, grad_bias = weight.new_empty(N), weight.new_empty(N)
+                torch.ops.aten.native_layer_norm_backward.out(
+                    dy[begin:end], z[begin:end], [N], mean[begin:end], rstd[begin:end], weight, bias, mask,
+                    out0=grad_z[begin:end], out1=grad_weight, out2=grad_bias)
                 if weight_destinations is not None:
-                    _accumulate(weight_destinations[k], dy_z_hat[begin:end].sum(0))
+                    _accumulate(weight_destinations[k], grad_weight)
                 if bias_destinations is not None:
-                    _accumulate(bias_destinations[k], dy[begin:end].sum(0))
+                    _accumulate(bias_destinations[k], grad_bias)
+            grad_z = grad_z.view(grad_y.shape)
         x_dtype, residual_dtype = ctx.input_dtypes
         grad_residual = grad_z.to(residual_dtype) if ctx.has_residual else None
         return grad_z.to(x_dtype), grad_residual, None, None, None, None, None
@@ -277,7 +290,7 @@ class _SegmentedBiasGelu(torch.autograd.Function):
             rows = _rows(grad_x)
             for k, (begin, end) in enumerate(ctx.ranges):
                 if begin != end and destinations is not None:
-                    _accumulate(destinations[k], rows[begin:end].sum(0))
+                    _accumulate_row_sum(destinations[k], rows[begin:end])
         return grad_x.to(ctx.x_dtype), None, None, None
 
 
