@@ -59,7 +59,7 @@ def test_help_lists_the_flags(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--option", "--fine-tune-mode", "--sst_train", "--para_dev", "--sts_test", "--grad-method",
-                 "--para-head", "--sts-loss", "--task-sampling", "--resume", "--bf16", "--use_gpu", "--out"):
+                 "--para-head", "--sts-loss", "--task-sampling", "--passes", "--resume", "--bf16", "--use_gpu", "--out"):
         assert flag in text
 
 
@@ -69,24 +69,28 @@ def test_flags_parse_into_the_config():
         "--para-head", "cross", "--sts-head", "cosine", "--sts-loss", "cosent", "--grad-method", "main-aux",
         "--main-task", "sts", "--aux-weight", "0.5", "--task-sampling", "annealed", "--schedule", "linear",
         "--warmup", "0.1", "--weight-decay", "0.01", "--max-length", "64", "--no-bucket", "--tasks", "sst,sts",
-        "--batch_size", "8", "--seed", "3", "--pooling", "cls", "--loss-weights", "sts=0.05, sst=2"])
+        "--batch_size", "8", "--seed", "3", "--pooling", "cls", "--loss-weights", "sts=0.05, sst=2",
+        "--passes", "per-task"])
     config = config_from_args(args)
     assert (config.option, config.lr) == ("pretrain", 1e-3)  # the alias, and the starter's lr advice
     assert (config.para_head, config.sts_head, config.sts_loss) == ("cross", "cosine", "cosent")
     assert (config.grad_method, config.main_task, config.aux_weight) == ("main-aux", "sts", 0.5)
     assert (config.task_sampling, config.schedule, config.warmup, config.weight_decay) == ("annealed", "linear", 0.1, 0.01)
     assert (config.max_length, config.bucket, config.tasks, config.batch_size, config.seed) == (64, False, ("sst", "sts"), 8, 3)
-    assert config.loss_weights == {"sts": 0.05, "sst": 2.0}
+    assert config.loss_weights == {"sts": 0.05, "sst": 2.0} and config.passes == "per-task"
     assert str(config.file("sst", "train")) == "x.csv" and str(config.file("sts", "dev")) == "d/sts-dev.csv"
     assert str(config.prediction_file("para", "test")) == "p.csv"
     defaults = config_from_args(build_parser().parse_args([]))
-    assert (defaults.option, defaults.lr, defaults.seed, defaults.grad_method) == ("finetune", 1e-5, 11711, "sum")
+    assert (defaults.option, defaults.lr, defaults.seed, defaults.grad_method, defaults.passes) == (
+        "finetune", 1e-5, 11711, "sum", "packed")
     with pytest.raises(ValueError, match="main_task"):
         TrainConfig(tasks=("sst", "para"), grad_method="main-aux", main_task="sts")
     for bad in (["--sts-loss", "hinge"], ["--loss-weights", "sentiment=2"], ["--loss-weights", "sts"],
-                ["--loss-weights", "sts=small"]):
+                ["--loss-weights", "sts=small"], ["--passes", "one"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(bad)
+    with pytest.raises(ValueError, match="passes must be one of"):
+        TrainConfig(passes="one")
     with pytest.raises(ValueError, match="loss_weights names 'para'"):
         TrainConfig(tasks=("sst", "sts"), loss_weights={"para": 1.0})
     with pytest.raises(ValueError, match=r"loss_weights\['sts'\] must be a positive"):
