@@ -7,8 +7,6 @@ import torch
 from ..kernels import GradientSegments
 from ..optim import FlatParameters, FusedAdamW
 
-GRAD_METHODS = ("sum", "pcgrad", "main-aux")
-
 
 def decay_groups(parameters, weight_decay):
     """AdamW parameter groups: no weight decay on biases and LayerNorm weights (1-D tensors), as
