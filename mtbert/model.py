@@ -70,10 +70,13 @@ class BertEmbeddings(nn.Module):
 
     def forward(self, input_ids, token_type_ids, position_ids=None):
         """input_ids, token_type_ids: [B, L] with positions 0…L-1, or packed [T] with position_ids [T]."""
-        positions = torch.arange(input_ids.shape[-1], device=input_ids.device) if position_ids is None else position_ids
-        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
-        x = kernels.add_layer_norm(x, self.position_embeddings(positions), self.LayerNorm.weight,
-                                   self.LayerNorm.bias, self.LayerNorm.eps)
+        # Positions per token, not broadcast over the batch: every op input then has one row per token.
+        positions = position_ids if position_ids is not None else torch.arange(
+            input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+        x = (kernels.embedding(input_ids, self.word_embeddings.weight, self.word_embeddings.padding_idx)
+             + kernels.embedding(token_type_ids, self.token_type_embeddings.weight))
+        x = kernels.add_layer_norm(x, kernels.embedding(positions, self.position_embeddings.weight),
+                                   self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
         return self.dropout(x)
 
 
@@ -107,7 +110,7 @@ class BertSelfAttention(nn.Module):
         if isinstance(mask_bias, PackedSequences):
             return self._forward_packed(x, mask_bias)
         B, L, H = x.shape
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(B, L, 3, self.num_heads, self.head_dim)
+        qkv = kernels.linear(x, self.qkv_weight, self.qkv_bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, L, head_dim) each, views
         # With dropout, SDPA on the CPU runs matmul-softmax-dropout-matmul and draws the same random
         # numbers as Hugging Face's eager attention (tests/test_model.py holds it to that).
@@ -117,7 +120,7 @@ class BertSelfAttention(nn.Module):
 
     def _forward_packed(self, x, packed: PackedSequences):
         T, H = x.shape
-        q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).view(T, 3, self.num_heads, self.head_dim).unbind(1)
+        q, k, v = kernels.linear(x, self.qkv_weight, self.qkv_bias).view(T, 3, self.num_heads, self.head_dim).unbind(1)
         context = kernels.varlen_attention(
             q, k, v, packed.cu_seqlens, packed.max_seqlen,
             dropout_p=self._dropout_p(), softmax_scale=1.0 / math.sqrt(self.head_dim),
@@ -156,7 +159,7 @@ class BertSelfOutput(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x, residual):
-        x = self.dropout(self.dense(x))
+        x = self.dropout(kernels.linear(x, self.dense.weight, self.dense.bias))
         return kernels.add_layer_norm(x, residual, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
 
 
@@ -177,7 +180,7 @@ class BertIntermediate(nn.Module):
 
     def forward(self, x):
         # The bias is added inside the fused bias+GELU op rather than by the matmul.
-        return kernels.bias_gelu(F.linear(x, self.dense.weight), self.dense.bias)
+        return kernels.bias_gelu(kernels.linear(x, self.dense.weight), self.dense.bias)
 
 
 class BertOutput(nn.Module):
@@ -188,7 +191,7 @@ class BertOutput(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x, residual):
-        x = self.dropout(self.dense(x))
+        x = self.dropout(kernels.linear(x, self.dense.weight, self.dense.bias))
         return kernels.add_layer_norm(x, residual, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
 
 
@@ -221,7 +224,7 @@ class BertPooler(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, hidden_states):
-        return torch.tanh(self.dense(hidden_states[:, 0]))
+        return torch.tanh(kernels.linear(hidden_states[:, 0], self.dense.weight, self.dense.bias))
 
 
 class BertModel(nn.Module):

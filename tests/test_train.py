@@ -41,7 +41,7 @@ def test_help_lists_the_flags(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--option", "--fine-tune-mode", "--sst_train", "--para_dev", "--sts_test", "--grad-method",
-                 "--para-head", "--sts-loss", "--task-sampling", "--resume", "--bf16", "--use_gpu", "--out"):
+                 "--para-head", "--sts-loss", "--task-sampling", "--passes", "--resume", "--bf16", "--use_gpu", "--out"):
         assert flag in text
 
 
@@ -51,23 +51,27 @@ def test_flags_parse_into_the_config():
         "--para-head", "cross", "--sts-head", "cosine", "--sts-loss", "cosent", "--grad-method", "main-aux",
         "--main-task", "sts", "--aux-weight", "0.5", "--task-sampling", "annealed", "--schedule", "linear",
         "--warmup", "0.1", "--weight-decay", "0.01", "--max-length", "64", "--no-bucket", "--tasks", "sst,sts",
-        "--batch_size", "8", "--seed", "3", "--pooling", "cls", "--loss-weights", "sts=0.05, sst=2"])
+        "--batch_size", "8", "--seed", "3", "--pooling", "cls", "--loss-weights", "sts=0.05, sst=2",
+        "--passes", "per-task"])
     assert (config.option, config.lr) == ("pretrain", 1e-3)  # the alias, and the starter's lr advice
     assert (config.para_head, config.sts_head, config.sts_loss) == ("cross", "cosine", "cosent")
     assert (config.grad_method, config.main_task, config.aux_weight) == ("main-aux", "sts", 0.5)
     assert (config.task_sampling, config.schedule, config.warmup, config.weight_decay) == ("annealed", "linear", 0.1, 0.01)
     assert (config.max_length, config.bucket, config.tasks, config.batch_size, config.seed) == (64, False, ("sst", "sts"), 8, 3)
-    assert config.loss_weights == {"sts": 0.05, "sst": 2.0}
+    assert config.loss_weights == {"sts": 0.05, "sst": 2.0} and config.passes == "per-task"
     assert str(config.file("sst", "train")) == "x.csv" and str(config.file("sts", "dev")) == "d/sts-dev.csv"
     assert str(config.prediction_file("para", "test")) == "p.csv"
     defaults = parse_config([])
-    assert (defaults.option, defaults.lr, defaults.seed, defaults.grad_method) == ("finetune", 1e-5, 11711, "sum")
+    assert (defaults.option, defaults.lr, defaults.seed, defaults.grad_method, defaults.passes) == (
+        "finetune", 1e-5, 11711, "sum", "packed")
     with pytest.raises(ValueError, match="main_task"):
         TrainConfig(tasks=("sst", "para"), grad_method="main-aux", main_task="sts")
     for bad in (["--sts-loss", "hinge"], ["--loss-weights", "sentiment=2"], ["--loss-weights", "sts"],
-                ["--loss-weights", "sts=small"]):
+                ["--loss-weights", "sts=small"], ["--passes", "one"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(bad)
+    with pytest.raises(ValueError, match="passes must be one of"):
+        TrainConfig(passes="one")
     with pytest.raises(ValueError, match="loss_weights names 'para'"):
         TrainConfig(tasks=("sst", "sts"), loss_weights={"para": 1.0})
     with pytest.raises(ValueError, match=r"loss_weights\['sts'\] must be a positive"):
@@ -293,12 +297,52 @@ def test_loss_weight_scales_only_its_tasks_gradient_row(tiny_model_dir, toy_data
         torch.testing.assert_close(rows[0.25][task], rows[1.0][task], rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("kernels, pair_head, batch_size, bf16", [
+    ("torch", "sbert", 8, False), ("torch", "cross", 8, False), ("torch", "sbert", 8, True),
+    ("triton", "sbert", 1, False)])  # the interpreter is slow
+def test_packed_pass_fills_the_rows_of_the_per_task_passes(tiny_model_dir, toy_data, tmp_path, monkeypatch, kernels,
+                                                           pair_head, batch_size, bf16):
+    """--passes packed runs one encoder forward and one backward per step (per-task: one per task
+    slot) and, with dropout off, fills every gradient row as the per-task passes (PyTorch kernels,
+    the reference) do, a task drawn twice (its two batches share its row) and a loss weight
+    included; also under bf16 autocast (both modes)."""
+    tasks = ("sst", "para", "sts", "para")
+    rows, passes = {}, {}
+    for mode, mode_kernels in (("packed", kernels), ("per-task", "torch")):
+        monkeypatch.setenv("MTBERT_KERNELS", mode_kernels)
+        trainer = Trainer(_config(tiny_model_dir, toy_data, tmp_path / mode, passes=mode, para_head=pair_head,
+                                  sts_head=pair_head, loss_weights={"sts": 0.5}, batch_size=batch_size))
+        trainer.model.eval()  # no dropout: both modes compute the same function
+        if bf16:
+            trainer._autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+        trainer.gradients.step = trainer.scheduler.step = lambda: None  # only the rows are compared
+        counts = passes[mode] = {"forward": 0, "backward": 0}
+
+        def count_passes(module, args, output):
+            counts["forward"] += 1
+            output.register_hook(lambda grad: counts.__setitem__("backward", counts["backward"] + 1))
+
+        trainer.model.encoder.embeddings.register_forward_hook(count_passes)
+        losses, examples = trainer.train_step(tasks)
+        assert set(losses) == {"sst", "para", "sts"} and examples == 4 * batch_size
+        rows[mode] = trainer.gradients.flat.grads.clone()
+    assert passes == {"packed": {"forward": 1, "backward": 1}, "per-task": {"forward": 4, "backward": 4}}
+    assert all(bool(row.any()) for row in rows["packed"])
+    if bf16:  # a task drawn twice has its bf16 weight gradient rounded once, not twice (7e-4 seen)
+        error = (rows["packed"] - rows["per-task"]).norm(dim=1) / rows["per-task"].norm(dim=1)
+        assert (error < 1e-2).all(), error  # a wrongly routed gradient is off by O(1)
+        return
+    scale = rows["per-task"].abs().max()
+    torch.testing.assert_close(rows["packed"], rows["per-task"], rtol=1e-5, atol=1e-5 * scale)
+
+
 # -- bfloat16 on the CPU -------------------------------------------------------------------------
 
 def _record_encoder_dtypes(trainer):
-    """Appends the dtype of every encoder forward's last matmul (training, evaluation, prediction)."""
+    """Appends the dtype of every encoder forward's last attention output (training, evaluation,
+    prediction): its matmuls' dtype."""
     dtypes = []
-    trainer.model.encoder.encoder.layer[-1].output.dense.register_forward_hook(
+    trainer.model.encoder.encoder.layer[-1].attention.self.register_forward_hook(
         lambda module, inputs, output: dtypes.append(output.dtype))
     return dtypes
 

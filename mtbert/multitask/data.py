@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import DataFileError, DownloadError, MissingFileError, make_directory
 
@@ -292,6 +293,22 @@ def collate(examples, tokenizer, pair_mode="separate", max_length=None) -> dict:
         dtype = torch.long if width == 1 else torch.float32
         labels = torch.tensor([e.label for e in examples], dtype=dtype)
     return {"inputs": inputs, "labels": labels, "ids": [e.id for e in examples]}
+
+
+def concat_inputs(batches, pad_token_id=0):
+    """Several tokenizer outputs ([rows, L_i] tensors with the same keys) as one: their rows one
+    after the other, right-padded to the longest L_i (``pad_token_id``, mask 0, token type 0).
+    Returns (inputs, offsets): batch i is rows ``offsets[i]:offsets[i + 1]``."""
+    if not batches:
+        raise ValueError("concat_inputs needs at least one batch")
+    width = max(b["input_ids"].shape[1] for b in batches)
+    fill = {"input_ids": pad_token_id}
+    inputs = {key: torch.cat([F.pad(b[key], (0, width - b[key].shape[1]), value=fill.get(key, 0)) for b in batches])
+              for key in batches[0]}
+    offsets = [0]
+    for b in batches:
+        offsets.append(offsets[-1] + b["input_ids"].shape[0])
+    return inputs, offsets
 
 
 # -- synthetic sanity data ------------------------------------------------------------------------

@@ -66,7 +66,19 @@ class MultitaskBert(nn.Module):
         return pool(self.encoder(**inputs), inputs["attention_mask"], self.pooling)
 
     def forward(self, task, inputs):
+        return self.head_scores(task, self.embed(inputs))
+
+    def forward_packed(self, tasks, inputs, offsets):
+        """The scores of several batches from one encoder pass: ``inputs`` holds the batches'
+        rows one after the other (see :func:`mtbert.multitask.data.concat_inputs`), batch i being
+        rows ``offsets[i]:offsets[i + 1]``, of task ``tasks[i]``. Returns one score tensor per batch."""
+        if len(offsets) != len(tasks) + 1:
+            raise ValueError(f"offsets must have one more entry than tasks ({len(tasks)}), got {len(offsets)}")
         pooled = self.embed(inputs)
+        return [self.head_scores(task, pooled[begin:end]) for task, begin, end in zip(tasks, offsets, offsets[1:])]
+
+    def head_scores(self, task, pooled):
+        """The head of ``task`` on the pooled rows of one of its batches."""
         head = self.heads[task]
         if task == "sst" or head.joint:
             return head(pooled)

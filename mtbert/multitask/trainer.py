@@ -21,7 +21,7 @@ from ..pretrained import DEFAULT_MODEL
 from ..tokenizer import Tokenizer
 from . import evaluate as evaluation
 from .checkpoint import kill_point, load_checkpoint, rng_states, save_checkpoint, set_rng_states
-from .data import DEFAULT_FILES, TASKS, LengthBucketSampler, collate, example_lengths, load_task_file
+from .data import DEFAULT_FILES, TASKS, LengthBucketSampler, collate, concat_inputs, example_lengths, load_task_file
 from .heads import PAIR_HEADS
 from .losses import STS_LOSSES
 from .model import MultitaskBert
@@ -37,6 +37,9 @@ FORCE_CPU_BF16_ENV = "MTBERT_FORCE_CPU_BF16"
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 TASK_SAMPLINGS = ("round-robin", "proportional", "annealed")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+# packed: one encoder forward and backward over all task slots of a step, each task's gradient
+# split into its row by the encoder's ops; per-task: one forward and backward per slot (the reference).
+PASSES = ("packed", "per-task")
 CHECKPOINT_FORMAT = 1
 
 
@@ -139,6 +142,9 @@ class TrainConfig:
     task_sampling: str = setting("round-robin", group="optimization", choices=TASK_SAMPLINGS,
                                  help="round-robin: one batch of every task per step, smaller tasks cycle; "
                                       "proportional to size; annealed (Stickland & Murray 2019)")
+    passes: str = setting("packed", group="optimization", choices=PASSES,
+                          help="packed: one encoder forward and backward for all tasks of a step, each task's "
+                               "gradient split by its tokens; per-task: one pass per task (the reference)")
     max_length: int = setting(128, group="data", help="truncate encodings to this many tokens")
     bucket: bool = setting(True, "--no-bucket", group="data", action="store_false",
                            help="plain shuffled batches instead of length-bucketed ones (more padding)")
@@ -169,7 +175,7 @@ class TrainConfig:
                   ("task_sampling", self.task_sampling, TASK_SAMPLINGS), ("schedule", self.schedule, LR_SCHEDULES),
                   ("main_task", self.main_task, TASKS), ("pooling", self.pooling, POOLINGS),
                   ("para_head", self.para_head, PAIR_HEADS), ("sts_head", self.sts_head, PAIR_HEADS),
-                  ("sts_loss", self.sts_loss, STS_LOSSES)]
+                  ("sts_loss", self.sts_loss, STS_LOSSES), ("passes", self.passes, PASSES)]
         for name, value, allowed in checks:
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
@@ -479,33 +485,77 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------------
     def train_step(self, tasks):
-        """Forward + backward of one batch per task slot, then the combined update. Returns
-        ({task: loss}, examples) or (None, examples) when a non-finite loss skipped the step."""
+        """Draws the next batch of each task slot, then :meth:`run_step`."""
+        return self.run_step(tasks, [self._next_batch(task) for task in tasks])
+
+    def _next_batch(self, task):
+        indices = self.streams[task].next()
+        batch = collate([self.train_sets[task].examples[i] for i in indices], self.tokenizer,
+                        self.model.pair_mode(task), self.config.max_length)
+        mask = batch["inputs"]["attention_mask"]
+        self.token_slots[task][0] += int(mask.sum())
+        self.token_slots[task][1] += mask.numel()
+        return batch
+
+    def run_step(self, tasks, batches):
+        """Forward + backward of ``batches`` (one collated batch per task slot, as ``collate``
+        makes them), in one packed pass or one pass per slot (``config.passes``), then the
+        combined update. Returns ({task: loss}, examples) or (None, examples) when a non-finite
+        loss skipped the step."""
         self.gradients.zero_grad()
-        step_losses, examples = {}, 0
-        for task in tasks:
-            indices = self.streams[task].next()
-            batch = collate([self.train_sets[task].examples[i] for i in indices], self.tokenizer,
-                            self.model.pair_mode(task), self.config.max_length)
-            inputs = {k: v.to(self.device) for k, v in batch["inputs"].items()}
-            mask = batch["inputs"]["attention_mask"]
-            self.token_slots[task][0] += int(mask.sum())
-            self.token_slots[task][1] += mask.numel()
-            with self._autocast():
-                scores = self.model(task, inputs)
-            loss = self.model.loss(task, scores.float(), batch["labels"].to(self.device))
-            examples += len(indices)
-            if not torch.isfinite(loss):
-                self.skipped_steps += 1
-                warnings.warn(f"non-finite {task} loss at step {self.global_step}: step skipped "
-                              f"({self.skipped_steps} so far)")
-                self.gradients.zero_grad()
-                return None, examples
-            self.gradients.backward(task, self.config.loss_weights.get(task, 1.0) * loss)
-            step_losses[task] = step_losses.get(task, 0.0) + loss.item()
+        examples = sum(len(batch["labels"]) for batch in batches)
+        run = self._packed_pass if self.config.passes == "packed" else self._per_task_passes
+        step_losses = run(tasks, batches)
+        if step_losses is None:
+            self.gradients.zero_grad()
+            return None, examples
         self.gradients.step()
         self.scheduler.step()
         return step_losses, examples
+
+    def _finite(self, task, loss):
+        """Whether ``loss`` is finite; if not, counts the skipped step and warns."""
+        if torch.isfinite(loss):
+            return True
+        self.skipped_steps += 1
+        warnings.warn(f"non-finite {task} loss at step {self.global_step}: step skipped ({self.skipped_steps} so far)")
+        return False
+
+    def _per_task_passes(self, tasks, batches):
+        step_losses = {}
+        for task, batch in zip(tasks, batches):
+            inputs = {k: v.to(self.device) for k, v in batch["inputs"].items()}
+            with self._autocast():
+                scores = self.model(task, inputs)
+            loss = self.model.loss(task, scores.float(), batch["labels"].to(self.device))
+            if not self._finite(task, loss):
+                return None
+            self.gradients.backward(task, self.config.loss_weights.get(task, 1.0) * loss)
+            step_losses[task] = step_losses.get(task, 0.0) + loss.item()
+        return step_losses
+
+    def _packed_pass(self, tasks, batches):
+        # Slots in gradient-row order, so that each task's sequences are one range of rows.
+        slots = sorted(zip(tasks, batches), key=lambda slot: self.config.tasks.index(slot[0]))
+        tasks = [task for task, _ in slots]
+        inputs, offsets = concat_inputs([batch["inputs"] for _, batch in slots],
+                                        self.model.encoder.config.pad_token_id)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        task_rows = {}
+        for task, begin, end in zip(tasks, offsets, offsets[1:]):
+            task_rows[task] = (task_rows.get(task, (begin,))[0], end)
+        with self.gradients.task_segments(inputs["attention_mask"], task_rows), self._autocast():
+            scores = self.model.forward_packed(tasks, inputs, offsets)
+        losses = [self.model.loss(task, task_scores.float(), batch["labels"].to(self.device))
+                  for task, task_scores, (_, batch) in zip(tasks, scores, slots)]
+        if not all(self._finite(task, loss) for task, loss in zip(tasks, losses)):
+            return None
+        self.gradients.backward_packed(sum(self.config.loss_weights.get(task, 1.0) * loss
+                                           for task, loss in zip(tasks, losses)))
+        step_losses = {}
+        for task, loss in zip(tasks, losses):
+            step_losses[task] = step_losses.get(task, 0.0) + loss.item()
+        return step_losses
 
     def fit(self):
         cfg = self.config
