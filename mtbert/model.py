@@ -19,13 +19,14 @@ from .config import BertConfig
 
 UNPAD_CHOICES = ("auto", True, False)
 # On the CPU, BertModel.unpad="auto" runs a right-padded batch on its real tokens only when at
-# least this fraction of its positions is padding; below it the padded path is as fast or faster
-# (no gather/scatter copies). Measured on all-MiniLM-L6-v2 with real SST sentences (B = 16, L = 32,
-# training step with dropout; B = 128 in eval), padding 0-30%, the two paths interleaved, the least
-# CPU time of 5-8 runs, 1 thread: on the shared 2-core EPYC (load average 7-10) wall times were
-# dominated by the other jobs. The paths break even at 3-6% padding (noisy); unpadded is 8-10%
-# faster at 10% padding and 25% at 30% (/tmp/wt12m/threshold2.py, issue 12, not committed).
-CPU_UNPAD_MIN_PADDING = 0.05
+# least this fraction of its positions is padding; below it the padded path (no gather/scatter
+# copies) is as fast. Measured on all-MiniLM-L6-v2, real SST sentences, L = 32, padding 0-30%, the
+# two paths interleaved, the least CPU time of 4-8 runs on 1 thread (the shared 2-core EPYC ran at
+# load 5-7: wall times were the other jobs'; noisy to about ±3%). Training step (B = 16, dropout):
+# break-even near 1% padding, unpadded 2-4% faster at 1-3%, 10% at 10%, 22% at 30%. Inference
+# (B = 128, no grad; SDPA's fused CPU kernel on the padded path): break-even near 6%, padded 4-6%
+# faster at 1-3%. Training dominates a run's time, hence 2% (issue 12; script not committed).
+CPU_UNPAD_MIN_PADDING = 0.02
 
 
 class BertModelOutput(dict):
