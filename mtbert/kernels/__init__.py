@@ -14,7 +14,7 @@ from . import bias_gelu as _bias_gelu
 from . import layer_norm as _layer_norm
 from ._triton import can_launch, triton_available
 
-__all__ = ["add_layer_norm", "bias_gelu", "varlen_attention", "padded_attention", "use_triton", "triton_available"]
+__all__ = ["add_layer_norm", "bias_gelu", "varlen_attention", "use_triton", "triton_available"]
 
 _CHOICES = ("torch", "triton", "auto")
 
@@ -58,12 +58,3 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
         return _attention.varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
     return _attention.varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
 
-
-def padded_attention(q, k, v, key_lengths, dropout_p=0.0, softmax_scale=None):
-    """Attention over right-padded sequences. q, k, v: [B, L, heads, head_dim]; key_lengths: [B]
-    int32, keys at positions >= key_lengths[b] are ignored (every query row is computed; a row
-    with no keys gives zeros). Returns [B, L, heads, head_dim]."""
-    if use_triton(q):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        return _attention.padded_attention_triton(q, k, v, key_lengths, dropout_p, softmax_scale)
-    return _attention.padded_attention_torch(q, k, v, key_lengths, dropout_p, softmax_scale)

@@ -69,7 +69,6 @@ def _check_inputs(x, bias):
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
     check_tensor("bias", bias, like=x, shape=(x.shape[-1],))
-    check_finite("x", x)
 
 
 def bias_gelu_forward(x, bias):
@@ -77,6 +76,7 @@ def bias_gelu_forward(x, bias):
     dtype. Returns y in x's dtype and shape."""
     _check_inputs(x, bias)
     check_launchable("x", x)
+    check_finite("x", x)
     N = x.shape[-1]
     M = x.numel() // N
     y = torch.empty_like(x)
@@ -97,21 +97,44 @@ def bias_gelu_backward(grad_y, x, bias):
     return grad_x, bias_partial.sum(0).to(bias.dtype)
 
 
-class BiasGeluFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, bias):
-        ctx.save_for_backward(x, bias)
-        return bias_gelu_forward(x, bias)
+# The kernels as PyTorch custom ops, so that torch.compile(fullgraph=True) traces through them.
+@torch.library.custom_op("mtbert::bias_gelu", mutates_args=())
+def _bias_gelu_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return bias_gelu_forward(x, bias)
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, bias = ctx.saved_tensors
-        return bias_gelu_backward(grad_y.contiguous(), x, bias)
+
+@_bias_gelu_op.register_fake
+def _(x, bias):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("mtbert::bias_gelu_backward", mutates_args=())
+def _bias_gelu_backward_op(grad_y: torch.Tensor, x: torch.Tensor,
+                           bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return bias_gelu_backward(grad_y, x, bias)
+
+
+@_bias_gelu_backward_op.register_fake
+def _(grad_y, x, bias):
+    return torch.empty_like(x), torch.empty_like(bias)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_y):
+    x, bias = ctx.saved_tensors
+    return _bias_gelu_backward_op(grad_y.contiguous(), x, bias)
+
+
+_bias_gelu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def bias_gelu_triton(x, bias):
-    """The Triton op with autograd; same contract as :func:`bias_gelu_reference`."""
-    return BiasGeluFunction.apply(x, bias)
+    """The Triton op (mtbert::bias_gelu) with autograd; same contract as :func:`bias_gelu_reference`."""
+    _check_inputs(x, bias)
+    return _bias_gelu_op(x, bias)
 
 
 def bias_gelu_reference(x, bias):
