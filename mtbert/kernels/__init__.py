@@ -1,7 +1,8 @@
 """The single dispatch point of the encoder's hot ops.
 
 Model code calls only the functions below; which implementation runs is decided here and nowhere
-else: the Triton kernels on CUDA tensors when Triton is installed, the PyTorch path otherwise.
+else: the Triton kernels on CUDA tensors when Triton is installed, the PyTorch path otherwise
+(and for bfloat16 on GPUs older than compute capability 8.0, which the kernels cannot serve).
 The environment variable ``MTBERT_KERNELS`` (read at each call) forces one: ``torch`` always runs
 PyTorch; ``triton`` always runs Triton, which on CPU tensors needs ``TRITON_INTERPRET=1`` set
 before mtbert is imported (Triton's interpreter, how the tests run the kernels without a GPU).
@@ -12,7 +13,7 @@ import os
 from . import attention as _attention
 from . import bias_gelu as _bias_gelu
 from . import layer_norm as _layer_norm
-from ._triton import can_launch, triton_available
+from ._triton import can_launch, gpu_unsupported_reason, triton_available
 
 __all__ = ["add_layer_norm", "bias_gelu", "varlen_attention", "use_triton", "triton_available"]
 
@@ -28,7 +29,8 @@ def use_triton(tensor) -> bool:
         return False
     if choice == "triton":
         return True  # the op raises a clear error if the kernel cannot run here
-    return tensor.is_cuda and can_launch(tensor)
+    # e.g. bfloat16 on a pre-Ampere GPU falls back to PyTorch
+    return tensor.is_cuda and can_launch(tensor) and gpu_unsupported_reason(tensor) is None
 
 
 def add_layer_norm(x, residual, weight, bias, eps):

@@ -6,6 +6,8 @@ launched (the dispatcher in ``__init__`` checks :func:`triton_available` first),
 references keep working. Op modules use ``from __future__ import annotations`` so that their
 ``tl.constexpr`` annotations are not evaluated when Triton is missing.
 """
+from __future__ import annotations
+
 import os
 
 import torch
@@ -29,6 +31,12 @@ def jit(fn):
     return fn if triton is None else triton.jit(fn)
 
 
+def constexpr(value):
+    """A module-level constant a kernel may read: compiled kernels only see ``tl.constexpr``
+    globals (the interpreter sees any global, so only a GPU compile catches a plain float)."""
+    return value if tl is None else tl.constexpr(value)
+
+
 def triton_available() -> bool:
     return triton is not None
 
@@ -41,12 +49,26 @@ def can_launch(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda or (INTERPRETED and tensor.device.type == "cpu")
 
 
+def gpu_unsupported_reason(tensor) -> str | None:
+    """Why the kernels cannot serve ``tensor``'s dtype on its GPU, or None: bfloat16 dots need
+    compute capability 8.0 (Ampere) or newer."""
+    if tensor.is_cuda and tensor.dtype == torch.bfloat16:
+        major, minor = torch.cuda.get_device_capability(tensor.device)
+        if major < 8:
+            return (f"bfloat16 needs a GPU of compute capability 8.0 or newer, and "
+                    f"{torch.cuda.get_device_name(tensor.device)} is {major}.{minor}: use float16 or MTBERT_KERNELS=torch")
+    return None
+
+
 def check_launchable(name: str, tensor: torch.Tensor):
     if not can_launch(tensor):
         reason = f"{name} cannot go to the Triton kernels: Triton is not installed" if triton is None else (
             f"{name} is on {tensor.device}: the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set "
             "before importing mtbert")
         raise ValueError(reason)
+    unsupported = gpu_unsupported_reason(tensor)
+    if unsupported is not None:
+        raise ValueError(f"{name} cannot go to the Triton kernels: {unsupported}")
 
 
 def row_block(n: int, name: str):

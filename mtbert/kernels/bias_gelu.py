@@ -9,12 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import check_launchable, check_finite, check_tensor, jit, tl, triton
+from ._triton import check_finite, check_launchable, check_tensor, constexpr, jit, tl, triton
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_BLOCK_M = 32
-_BLOCK_N = 128
+_SQRT1_2 = constexpr(0.7071067811865476)
+_INV_SQRT_2PI = constexpr(0.3989422804014327)
 
 
 @jit
@@ -71,6 +69,17 @@ def _check_inputs(x, bias):
     check_tensor("bias", bias, like=x, shape=(x.shape[-1],))
 
 
+def kernel_settings() -> dict:
+    """Block sizes of both kernels: what the launchers pass, and what the compile gate
+    (mtbert.kernels.compile_check) compiles for each GPU target."""
+    return dict(BLOCK_M=32, BLOCK_N=128)
+
+
+def _grid(M, N):
+    settings = kernel_settings()
+    return triton.cdiv(M, settings["BLOCK_M"]), triton.cdiv(N, settings["BLOCK_N"])
+
+
 def bias_gelu_forward(x, bias):
     """y = GELU(x + bias). x: [..., N] contiguous float32/float16/bfloat16; bias: [N], any float
     dtype. Returns y in x's dtype and shape."""
@@ -80,8 +89,7 @@ def bias_gelu_forward(x, bias):
     N = x.shape[-1]
     M = x.numel() // N
     y = torch.empty_like(x)
-    grid = (triton.cdiv(M, _BLOCK_M), triton.cdiv(N, _BLOCK_N))
-    _bias_gelu_fwd_kernel[grid](x, bias, y, M, N, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N)
+    _bias_gelu_fwd_kernel[_grid(M, N)](x, bias, y, M, N, **kernel_settings())
     return y
 
 
@@ -90,10 +98,10 @@ def bias_gelu_backward(grad_y, x, bias):
     check_tensor("grad_y", grad_y, dtypes=None, like=x, shape=x.shape)
     N = x.shape[-1]
     M = x.numel() // N
-    grid = (triton.cdiv(M, _BLOCK_M), triton.cdiv(N, _BLOCK_N))
+    grid = _grid(M, N)
     grad_x = torch.empty_like(x)
     bias_partial = torch.empty(grid[0], N, dtype=torch.float32, device=x.device)
-    _bias_gelu_bwd_kernel[grid](grad_y, x, bias, grad_x, bias_partial, M, N, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N)
+    _bias_gelu_bwd_kernel[grid](grad_y, x, bias, grad_x, bias_partial, M, N, **kernel_settings())
     return grad_x, bias_partial.sum(0).to(bias.dtype)
 
 

@@ -101,6 +101,13 @@ def _check_inputs(x, residual, weight, bias, eps):
     row_block(N, "x")
 
 
+def kernel_settings(n: int, has_residual: bool) -> dict:
+    """Constexprs and launch options of both kernels for rows of ``n`` features: what the launchers
+    pass, and what the compile gate (mtbert.kernels.compile_check) compiles for each GPU target."""
+    BLOCK_N, num_warps = row_block(n, "x")
+    return dict(HAS_RESIDUAL=has_residual, BLOCK_N=BLOCK_N, num_warps=num_warps)
+
+
 def add_layer_norm_forward(x, residual, weight, bias, eps):
     """y = LN(x + residual) * weight + bias over the last dimension.
 
@@ -115,14 +122,12 @@ def add_layer_norm_forward(x, residual, weight, bias, eps):
         check_finite("residual", residual)
     N = x.shape[-1]
     M = x.numel() // N
-    BLOCK_N, num_warps = row_block(N, "x")
     y = torch.empty_like(x)
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     _add_layer_norm_fwd_kernel[(M,)](
         x, x if residual is None else residual, weight, bias, y, mean, rstd, N, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_N=BLOCK_N, num_warps=num_warps,
-    )
+        **kernel_settings(N, residual is not None))
     return y, mean, rstd
 
 
@@ -132,7 +137,6 @@ def add_layer_norm_backward(grad_y, x, residual, weight, mean, rstd):
     check_tensor("grad_y", grad_y, dtypes=None, like=x, shape=x.shape)
     N = x.shape[-1]
     M = x.numel() // N
-    BLOCK_N, num_warps = row_block(N, "x")
     if x.is_cuda:
         programs = min(M, torch.cuda.get_device_properties(x.device).multi_processor_count * 4)
     else:
@@ -144,9 +148,7 @@ def add_layer_norm_backward(grad_y, x, residual, weight, mean, rstd):
     bias_partial = torch.empty(programs, N, dtype=torch.float32, device=x.device)
     _add_layer_norm_bwd_kernel[(programs,)](
         grad_y, x, x if residual is None else residual, weight, mean, rstd, grad_z, weight_partial,
-        bias_partial, M, N, rows_per_program,
-        HAS_RESIDUAL=residual is not None, BLOCK_N=BLOCK_N, num_warps=num_warps,
-    )
+        bias_partial, M, N, rows_per_program, **kernel_settings(N, residual is not None))
     return grad_z, weight_partial.sum(0).to(weight.dtype), bias_partial.sum(0).to(weight.dtype)
 
 
