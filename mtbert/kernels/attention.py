@@ -242,7 +242,7 @@ def kernel_settings(dtype: torch.dtype, head_dim: int, dropout: bool) -> dict:
     """The constexprs and launch options of the forward, dK/dV and dQ kernels for one input dtype,
     head size and dropout setting: what the launchers below pass, and what the compile gate
     (mtbert.kernels.compile_check) compiles for each GPU target."""
-    BLOCK_M, BLOCK_N, num_warps, num_stages = attention_blocks(head_dim)
+    BLOCK_M, BLOCK_N, num_warps, num_stages = attention_blocks(head_dim, dtype)
     return dict(HAS_DROPOUT=dropout, DOT_FP32=dot_in_float32(dtype), DOT_PRECISION=dot_precision(dtype),
                 HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages)
 
