@@ -85,8 +85,9 @@ def test_compiled_model_has_no_graph_break_and_matches_eager(kernels, backend, m
             hidden, grads = outputs_and_grads(compiled, model, input_ids, attention_mask)
             hidden_eager, grads_eager = outputs_and_grads(model, model, input_ids, attention_mask)
             torch.testing.assert_close(hidden, hidden_eager, atol=1e-5, rtol=1e-5)
-            for name, grad in grads_eager.items():
-                torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+            for name, grad in grads_eager.items():  # 1e-5 of each gradient's scale: inductor reorders sums
+                torch.testing.assert_close(grads[name], grad, atol=1e-5 * max(1.0, grad.abs().max().item()), rtol=1e-5,
+                                           msg=lambda m, n=name: f"{n}: {m}")
     assert counter.frame_count == 1
 
 
