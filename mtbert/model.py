@@ -240,11 +240,7 @@ class BertModel(nn.Module):
                 f"input_ids has length {L}, longer than max_position_embeddings={cfg.max_position_embeddings}; "
                 "truncate the sequences (Tokenizer(..., max_length=...))"
             )
-        # torch.compile cannot branch on tensor values: a compiled model skips the value checks.
-        values_checked = not torch.compiler.is_compiling()
-        lo, hi = torch.aminmax(input_ids)
-        if values_checked and (lo < 0 or hi >= cfg.vocab_size):
-            raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size}), got values in [{int(lo)}, {int(hi)}]")
+        _check_ids("input_ids", input_ids, cfg.vocab_size)
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
                 raise ValueError(
@@ -261,11 +257,7 @@ class BertModel(nn.Module):
                 )
             if token_type_ids.dtype not in (torch.int64, torch.int32):
                 raise ValueError(f"token_type_ids must be int64 or int32, got {token_type_ids.dtype}")
-            lo, hi = torch.aminmax(token_type_ids)
-            if values_checked and (lo < 0 or hi >= cfg.type_vocab_size):
-                raise ValueError(
-                    f"token_type_ids must lie in [0, {cfg.type_vocab_size}), got values in [{int(lo)}, {int(hi)}]"
-                )
+            _check_ids("token_type_ids", token_type_ids, cfg.type_vocab_size)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> BertModelOutput:
         self._check_inputs(input_ids, attention_mask, token_type_ids)
@@ -314,6 +306,16 @@ def _right_padded_lengths(attention_mask):
                                           "every row; set model.unpad = False before compiling for other masks")
         return lengths
     return lengths if bool(right_padded) else None
+
+
+def _check_ids(name, ids, bound):
+    """ids must lie in [0, bound): a ValueError in eager mode; compiled, an assert in the graph
+    (torch.compile cannot branch on tensor values)."""
+    lo, hi = torch.aminmax(ids)
+    if torch.compiler.is_compiling():
+        torch._assert_async((lo >= 0) & (hi < bound), f"{name} must lie in [0, {bound})")
+    elif lo < 0 or hi >= bound:
+        raise ValueError(f"{name} must lie in [0, {bound}), got values in [{int(lo)}, {int(hi)}]")
 
 
 def _describe(value):

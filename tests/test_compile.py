@@ -91,8 +91,9 @@ def test_compiled_model_has_no_graph_break_and_matches_eager(kernels, backend, m
     assert counter.frame_count == 1
 
 
-def test_compiled_model_rejects_a_left_padded_mask(monkeypatch):
-    """Compiled, the model cannot branch to the padded path: a mask it cannot unpad fails loudly."""
+def test_compiled_model_rejects_what_eager_rejects(monkeypatch):
+    """Compiled, the model cannot branch on values: a mask it cannot unpad (eager would take the
+    padded path) and out-of-range ids (eager: ValueError) fail loudly in the graph."""
     monkeypatch.setenv("MTBERT_KERNELS", "torch")
     torch._dynamo.reset()
     model = tiny_model()
@@ -102,3 +103,5 @@ def test_compiled_model_rejects_a_left_padded_mask(monkeypatch):
         compiled(input_ids, attention_mask)
         with pytest.raises(RuntimeError, match="right-padded"):
             compiled(input_ids, attention_mask.flip(1))
+        with pytest.raises(RuntimeError, match=r"input_ids must lie in \[0, 50\)"):
+            compiled(input_ids + 50, attention_mask)
