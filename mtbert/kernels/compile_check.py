@@ -171,17 +171,16 @@ def compile_variant(variant: Variant) -> Result:
 
 
 def full_matrix(targets=tuple(TARGETS)) -> list[Variant]:
-    variants = []
-    for target, dtype in itertools.product(targets, DTYPES):
-        for head_dim in HEAD_DIMS:
-            variants += [Variant(kernel, target, dtype, head_dim, dropout)
-                         for kernel in ATTENTION_KERNELS for dropout in (False, True)]
-            variants.append(Variant("attention_bwd_delta", target, dtype, head_dim))
-        variants += [Variant(kernel, target, dtype, width, residual=residual)
-                     for kernel in ("add_layer_norm_fwd", "add_layer_norm_bwd")
-                     for width in LAYER_NORM_WIDTHS for residual in (False, True)]
-        variants += [Variant(kernel, target, dtype) for kernel in ("bias_gelu_fwd", "bias_gelu_bwd")]
-    return variants
+    """Everything the launchers can run, the attention kernels first (the slow, large ones), each
+    configuration on all targets in a row (so that a partial run covers every target)."""
+    shapes = [(kernel, dtype, head_dim, dropout, False) for head_dim in reversed(HEAD_DIMS) for dtype in DTYPES
+              for dropout in (True, False) for kernel in ATTENTION_KERNELS]
+    shapes += [("attention_bwd_delta", dtype, head_dim, False, False) for head_dim in HEAD_DIMS for dtype in DTYPES]
+    shapes += [(kernel, dtype, width, False, residual) for kernel in ("add_layer_norm_fwd", "add_layer_norm_bwd")
+               for width in reversed(LAYER_NORM_WIDTHS) for dtype in DTYPES for residual in (True, False)]
+    shapes += [(kernel, dtype, 0, False, False) for kernel in ("bias_gelu_fwd", "bias_gelu_bwd") for dtype in DTYPES]
+    return [Variant(kernel, target, dtype, size, dropout, residual)
+            for kernel, dtype, size, dropout, residual in shapes for target in targets]
 
 
 def representative_subset() -> list[Variant]:
@@ -199,20 +198,22 @@ def representative_subset() -> list[Variant]:
     return variants
 
 
-def format_table(results: list[Result]) -> str:
-    header = ("kernel", "target", "dtype", "head dim / N", "dropout/res", "blocks", "regs", "shared B", "spill B",
-              "s", "status")
-    rows = [header]
-    for r in results:
-        v = r.variant
-        flag = ("dropout" if v.dropout else "-") if v.kernel in ATTENTION_KERNELS else (
-            ("residual" if v.residual else "-") if v.kernel.startswith("add_layer") else "-")
-        rows.append((v.kernel, v.target, v.dtype, str(v.size or "any"), flag, r.blocks, str(r.registers),
-                     str(r.shared), str(r.spill_bytes), f"{r.seconds:.1f}", "FAIL" if r.problems else "ok"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [" | ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
-    lines.insert(1, "-+-".join("-" * width for width in widths))
-    return "\n".join(lines)
+_COLUMNS = (("kernel", 19), ("target", 6), ("dtype", 8), ("head dim / N", 12), ("flag", 8), ("blocks", 46),
+            ("regs", 4), ("shared B", 8), ("spill B", 7), ("s", 5), ("status", 6))
+
+
+def table_header() -> str:
+    return " | ".join(name.ljust(width) for name, width in _COLUMNS) + "\n" + "-+-".join(
+        "-" * width for _, width in _COLUMNS)
+
+
+def table_row(r: Result) -> str:
+    """One row; flag is dropout (attention) or residual (LayerNorm)."""
+    v = r.variant
+    flag = "dropout" if v.dropout else "residual" if v.residual else "-"
+    cells = (v.kernel, v.target, v.dtype, str(v.size or "any"), flag, r.blocks, str(r.registers), str(r.shared),
+             str(r.spill_bytes), f"{r.seconds:.1f}", "FAIL" if r.problems else "ok")
+    return " | ".join(cell.ljust(width) for cell, (_, width) in zip(cells, _COLUMNS))
 
 
 def worst_cases(results: list[Result]) -> str:
@@ -235,11 +236,13 @@ def worst_cases(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def run(variants: list[Variant], jobs: int) -> list[Result]:
+def run(variants: list[Variant], jobs: int):
+    """Yields each variant's Result in order, as soon as it is compiled."""
     if jobs <= 1:
-        return [compile_variant(v) for v in variants]
+        yield from map(compile_variant, variants)
+        return
     with ProcessPoolExecutor(jobs) as pool:
-        return list(pool.map(compile_variant, variants))
+        yield from pool.map(compile_variant, variants)
 
 
 def main(argv=None) -> int:
@@ -259,8 +262,11 @@ def main(argv=None) -> int:
     if not variants:
         parser.error("no variant matches the --kernel/--target filters")
     started = time.perf_counter()
-    results = run(variants, args.jobs)
-    print(format_table(results))
+    print(table_header(), flush=True)
+    results = []
+    for result in run(variants, args.jobs):  # row by row, so that a long --full run shows progress
+        print(table_row(result), flush=True)
+        results.append(result)
     print()
     print(worst_cases(results))
     failures = [r for r in results if r.problems]
