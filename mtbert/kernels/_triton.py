@@ -82,18 +82,20 @@ def row_block(n: int, name: str):
 def attention_blocks(head_dim: int, dtype: torch.dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the attention kernels for one head size and
     input dtype. The interpreter gets small blocks, so that the tests' lengths 1…70 span several of
-    them. On a GPU these are tiles without register spills on sm_80…sm_90, with and without dropout
-    (checked by ``python -m mtbert.kernels.compile_check --full``): 16-bit 64×64 tiles on 4 warps
-    spilled, so 64×32 on 8 warps; float32 dots are exact FMA loops whose operands stay in
-    registers, so smaller tiles (32×32 on 8 warps and 16×32 on 4 warps spilled at head dim 128).
+    them. On a GPU these are tiles without register spills on sm_80…sm_90, in every dtype, head
+    size and dropout setting (``python -m mtbert.kernels.compile_check --full``). The dK/dV kernel
+    is the tightest: with 16-bit inputs, 64×64 tiles on 4 or 8 warps and 64×32 on 4 or 8 warps
+    spilled. float32 dots are exact FMA loops whose operands stay in registers, so head dim 128
+    needs 16×32 on 8 warps (32×32 on 4 or 8 warps and 16×32 on 4 warps spilled). Head dim 16
+    takes 4 warps (its dQ kernel spilled on sm_80 with 8). Not yet tuned for speed on a GPU.
     """
     if head_dim not in (16, 32, 64, 128):
         raise ValueError(f"head_dim must be 16, 32, 64 or 128, got {head_dim}")
     if INTERPRETED:
         return 16, 16, 4, 1
-    if dtype == torch.float32:
-        return (16, 32, 8, 2) if head_dim == 128 else (32, 32, 8, 2)
-    return 64, 32, 8, 2
+    if dtype == torch.float32 and head_dim == 128:
+        return 16, 32, 8, 2
+    return 32, 32, 4 if head_dim == 16 else 8, 2
 
 
 def dot_in_float32(dtype: torch.dtype) -> bool:
