@@ -186,13 +186,16 @@ def full_matrix(targets=tuple(TARGETS)) -> list[Variant]:
 def representative_subset() -> list[Variant]:
     """What ``make test`` compiles: every kernel on every target, in the configurations that were
     the full matrix's worst cases (compile_check.md): the attention kernels in float32 at head
-    dim 128 with dropout (the most shared memory), dK/dV in 16-bit at head dim 32 with dropout
-    (the attention kernels' most registers), bias-GELU in float32 (the most registers overall),
-    LayerNorm at N = 4096 with a residual; float16 and bfloat16 on alternate targets."""
+    dim 128 with dropout (the most shared memory); the most registers of each attention kernel
+    (forward: float32 at head dim 64; dK/dV: 16-bit at 32 with dropout; dQ: 16-bit at 128 with
+    dropout); bias-GELU in float32 (the most registers overall); LayerNorm at N = 4096 with a
+    residual; float16 and bfloat16 on alternate targets."""
     variants = []
     for target, half in zip(TARGETS, ("bfloat16", "float16", "bfloat16", "float16")):
         variants += [Variant(kernel, target, "float32", 128, dropout=True) for kernel in ATTENTION_KERNELS]
+        variants += [Variant("attention_fwd", target, "float32", 64, dropout) for dropout in (False, True)]
         variants.append(Variant("attention_bwd_dkdv", target, half, 32, dropout=True))
+        variants.append(Variant("attention_bwd_dq", target, half, 128, dropout=True))
         variants.append(Variant("attention_bwd_delta", target, half, 128))
         variants += [Variant(kernel, target, "float32", 4096, residual=True)
                      for kernel in ("add_layer_norm_fwd", "add_layer_norm_bwd")]
