@@ -6,7 +6,9 @@ else: the Triton kernels on CUDA tensors when Triton is installed, the PyTorch p
 The environment variable ``MTBERT_KERNELS`` (read at each call) forces one: ``torch`` always runs
 PyTorch; ``triton`` always runs Triton, which on CPU tensors needs ``TRITON_INTERPRET=1`` set
 before mtbert is imported (Triton's interpreter, how the tests run the kernels without a GPU).
-Triton itself is optional: without it everything runs in PyTorch.
+Triton itself is optional: without it everything runs in PyTorch. The Triton ops are PyTorch
+custom ops (``torch.ops.mtbert.*``, registered in each op module), so torch.compile traces them
+as single nodes; ``python -m mtbert.kernels.compile_check`` compiles them for GPU targets.
 """
 import os
 
