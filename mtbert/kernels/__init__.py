@@ -46,7 +46,11 @@ def use_triton(tensor) -> bool:
 
 
 def _segments_for(*params):
-    """The active GradientSegments when one of ``params`` will need a gradient, else None."""
+    """The active GradientSegments when one of ``params`` will need a gradient, else None. Eager
+    only: torch.compile cannot trace the ContextVar that holds them, so compiled graphs run the
+    plain ops."""
+    if torch.compiler.is_compiling():
+        return None
     segments = _segmented.current()
     if segments is None or not torch.is_grad_enabled():
         return None
