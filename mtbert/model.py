@@ -301,7 +301,8 @@ def _right_padded_lengths(attention_mask):
     None otherwise (left padding, holes, empty rows: those take the padded path)."""
     keep = attention_mask.to(torch.bool)
     lengths = keep.sum(1)
-    right_padded = ((torch.arange(keep.shape[1], device=keep.device) < lengths[:, None]) == keep).all() & (lengths > 0).all()
+    ones_then_zeros = torch.arange(keep.shape[1], device=keep.device) < lengths[:, None]
+    right_padded = (ones_then_zeros == keep).all() & (lengths > 0).all()
     if torch.compiler.is_compiling():
         # torch.compile cannot branch on the mask's values: a compiled model takes the unpadded
         # path and checks the mask in the graph instead.

@@ -18,7 +18,8 @@ def test_opcheck_add_layer_norm():
         args = [None if t is None else t.clone().requires_grad_() for t in (x, r, weight, bias)]
         torch.library.opcheck(torch.ops.mtbert.add_layer_norm, (*args, 1e-5))
     y, mean, rstd = torch.ops.mtbert.add_layer_norm(x, residual, weight, bias, 1e-5)
-    torch.library.opcheck(torch.ops.mtbert.add_layer_norm_backward, (torch.randn_like(y), x, residual, weight, mean, rstd))
+    torch.library.opcheck(torch.ops.mtbert.add_layer_norm_backward,
+                          (torch.randn_like(y), x, residual, weight, mean, rstd))
 
 
 def test_opcheck_bias_gelu():

@@ -55,8 +55,9 @@ def gpu_unsupported_reason(tensor) -> str | None:
     if tensor.is_cuda and tensor.dtype == torch.bfloat16:
         major, minor = torch.cuda.get_device_capability(tensor.device)
         if major < 8:
-            return (f"bfloat16 needs a GPU of compute capability 8.0 or newer, and "
-                    f"{torch.cuda.get_device_name(tensor.device)} is {major}.{minor}: use float16 or MTBERT_KERNELS=torch")
+            gpu = torch.cuda.get_device_name(tensor.device)
+            return (f"bfloat16 needs a GPU of compute capability 8.0 or newer, and {gpu} is {major}.{minor}: "
+                    "use float16 or MTBERT_KERNELS=torch")
     return None
 
 

@@ -17,7 +17,6 @@ useful on a user's GPU-less build machine as in our tests. Prints a table; exits
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import re
 import subprocess
@@ -111,7 +110,8 @@ def _signature(fn, constexprs, dtype):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            element = "fp32" if name in _FLOAT32_POINTERS else "i32" if name in _INT32_POINTERS else _TRITON_TYPES[dtype]
+            element = ("fp32" if name in _FLOAT32_POINTERS else "i32" if name in _INT32_POINTERS
+                       else _TRITON_TYPES[dtype])
             signature[name] = "*" + element
             attrs[(index,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned, as at launch
         else:
@@ -263,7 +263,8 @@ def main(argv=None) -> int:
         return 2
     variants = full_matrix() if args.full else representative_subset()
     variants = [Variant(**{**v.__dict__, "maxnreg": args.maxnreg}) for v in variants
-                if (args.kernel is None or v.kernel in args.kernel) and (args.target is None or v.target in args.target)]
+                if (args.kernel is None or v.kernel in args.kernel)
+                and (args.target is None or v.target in args.target)]
     if not variants:
         parser.error("no variant matches the --kernel/--target filters")
     started = time.perf_counter()
