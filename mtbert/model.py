@@ -292,9 +292,7 @@ class BertModel(nn.Module):
                 f"input_ids has length {L}, longer than max_position_embeddings={cfg.max_position_embeddings}; "
                 "truncate the sequences (Tokenizer(..., max_length=...))"
             )
-        lo, hi = torch.aminmax(input_ids)
-        if lo < 0 or hi >= cfg.vocab_size:
-            raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size}), got values in [{int(lo)}, {int(hi)}]")
+        _check_ids("input_ids", input_ids, cfg.vocab_size)
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
                 raise ValueError(
@@ -311,11 +309,7 @@ class BertModel(nn.Module):
                 )
             if token_type_ids.dtype not in (torch.int64, torch.int32):
                 raise ValueError(f"token_type_ids must be int64 or int32, got {token_type_ids.dtype}")
-            lo, hi = torch.aminmax(token_type_ids)
-            if lo < 0 or hi >= cfg.type_vocab_size:
-                raise ValueError(
-                    f"token_type_ids must lie in [0, {cfg.type_vocab_size}), got values in [{int(lo)}, {int(hi)}]"
-                )
+            _check_ids("token_type_ids", token_type_ids, cfg.type_vocab_size)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> BertModelOutput:
         self._check_inputs(input_ids, attention_mask, token_type_ids)
@@ -353,7 +347,10 @@ class BertModel(nn.Module):
         ``last_hidden_state`` are zero; real positions equal the padded path's."""
         B, L = input_ids.shape
         tokens = (torch.arange(L, device=input_ids.device) < lengths[:, None]).reshape(-1).nonzero().squeeze(1)  # (T,)
-        packed = PackedSequences(F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)), int(lengths.max()))
+        # Compiled, the bound is the padded width L (a shape, so no data-dependent int, and a dynamic
+        # L does not recompile); eager, the longest sequence (the CPU path pads to it).
+        max_seqlen = L if torch.compiler.is_compiling() else int(lengths.max())
+        packed = PackedSequences(F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)), max_seqlen)
         x = self.embeddings(input_ids.reshape(-1)[tokens], token_type_ids.reshape(-1)[tokens], tokens % L)  # (T, H)
         x = self.encoder(x, packed)
         hidden = x.new_zeros(B * L, x.shape[-1]).index_copy_(0, tokens, x).view(B, L, -1)  # (B, L, H), one copy
@@ -365,10 +362,25 @@ def _right_padded_lengths(attention_mask):
     None otherwise (left padding, holes, empty rows: those take the padded path)."""
     keep = attention_mask.to(torch.bool)
     lengths = keep.sum(1)
-    right_padded = torch.arange(keep.shape[1], device=keep.device) < lengths[:, None]
-    if not torch.equal(keep, right_padded) or not bool(lengths.min() > 0):
-        return None
-    return lengths
+    ones_then_zeros = torch.arange(keep.shape[1], device=keep.device) < lengths[:, None]
+    right_padded = (ones_then_zeros == keep).all() & (lengths > 0).all()
+    if torch.compiler.is_compiling():
+        # torch.compile cannot branch on the mask's values: a compiled model takes the unpadded
+        # path and checks the mask in the graph instead.
+        torch._assert_async(right_padded, "a compiled BertModel needs right-padded attention masks with a token in "
+                                          "every row; set model.unpad = False before compiling for other masks")
+        return lengths
+    return lengths if bool(right_padded) else None
+
+
+def _check_ids(name, ids, bound):
+    """ids must lie in [0, bound): a ValueError in eager mode; compiled, an assert in the graph
+    (torch.compile cannot branch on tensor values)."""
+    lo, hi = torch.aminmax(ids)
+    if torch.compiler.is_compiling():
+        torch._assert_async((lo >= 0) & (hi < bound), f"{name} must lie in [0, {bound})")
+    elif lo < 0 or hi >= bound:
+        raise ValueError(f"{name} must lie in [0, {bound}), got values in [{int(lo)}, {int(hi)}]")
 
 
 def _attention_mask_bias(attention_mask, x):

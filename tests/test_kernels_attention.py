@@ -5,8 +5,8 @@ import torch
 
 from kernel_testing import DEVICE, DTYPE_TOLERANCES, leaf, nan_poisoned_allocations
 from mtbert import kernels
-from mtbert.kernels.attention import (attention_forward, attention_reference, padded_attention_torch, padding_groups,
-                                      padded_attention_triton, varlen_attention_torch, varlen_attention_triton)
+from mtbert.kernels.attention import (attention_forward, attention_reference, padding_groups, varlen_attention_torch,
+                                      varlen_attention_triton)
 
 # (lengths, heads): batch 1–3, heads 1–4, lengths 1…70 mixed, none a multiple of the block size.
 BATCHES = [([1, 70, 17], 3), ([33], 1), ([5, 64], 4), ([2, 1, 49], 2), ([70], 4), ([29, 3], 1)]
@@ -48,10 +48,10 @@ def test_varlen_matches_float64_reference(head_dim, dtype, atol, rtol):
         out = varlen_attention_triton(*inputs, cu_seqlens, max(lengths), softmax_scale=scale)
         out.backward(grad_out)
     reference = [leaf(t, torch.float64) for t in inputs]
-    out_ref = attention_reference(*reference, cu_seqlens=cu_seqlens, softmax_scale=scale)
+    out_ref = attention_reference(*reference, cu_seqlens, softmax_scale=scale)
     out_ref.backward(grad_out.double())
     low = [leaf(t) for t in inputs]
-    out_low = attention_reference(*low, cu_seqlens=cu_seqlens, softmax_scale=scale)
+    out_low = attention_reference(*low, cu_seqlens, softmax_scale=scale)
     out_low.backward(grad_out)
     assert out.dtype == dtype and out.shape == inputs[0].shape
     torch.testing.assert_close(out.double(), out_ref, atol=atol, rtol=rtol)
@@ -60,36 +60,6 @@ def test_varlen_matches_float64_reference(head_dim, dtype, atol, rtol):
         assert_within_twice_low_precision_error(a.grad, b.grad, c.grad, f"d{name}")
         if dtype == torch.float32:
             torch.testing.assert_close(a.grad.double(), b.grad, atol=atol, rtol=rtol)
-
-
-@pytest.mark.parametrize("dtype, head_dim, key_lengths", [
-    (torch.float32, 32, [37, 1, 0]),
-    (torch.bfloat16, 64, [20, 37]),
-], ids=["float32-with-empty-row", "bfloat16"])
-def test_padded_ignores_padding_keys(dtype, head_dim, key_lengths):
-    """Keys and values past each key length are NaN: nothing may read them. Every query row is
-    computed; a sequence without keys gives zeros and zero gradients."""
-    B, L, heads = len(key_lengths), 37, 2
-    atol = rtol = 2e-5 if dtype == torch.float32 else 4e-2
-    q, k, v = (torch.randn(B, L, heads, head_dim, dtype=torch.float64).to(DEVICE, dtype) for _ in range(3))
-    lengths = torch.tensor(key_lengths, dtype=torch.int32, device=DEVICE)
-    for t in (k, v):
-        for b, n in enumerate(key_lengths):
-            t[b, n:] = float("nan")
-    inputs = [leaf(t) for t in (q, k, v)]
-    grad_out = torch.randn(B, L, heads, head_dim).to(DEVICE, dtype)
-    with nan_poisoned_allocations():
-        out = padded_attention_triton(*inputs, lengths)
-        out.backward(grad_out)
-    reference = [leaf(t, torch.float64) for t in inputs]
-    out_ref = attention_reference(*reference, key_lengths=lengths)
-    out_ref.backward(grad_out.double())
-    torch.testing.assert_close(out.double(), out_ref, atol=atol, rtol=rtol)
-    torch.testing.assert_close(inputs[0].grad.double(), reference[0].grad, atol=atol, rtol=rtol)
-    for ours, theirs in zip(inputs[1:], reference[1:]):
-        for b, n in enumerate(key_lengths):
-            torch.testing.assert_close(ours.grad[b, :n].double(), theirs.grad[b, :n], atol=atol, rtol=rtol)
-            assert (ours.grad[b, n:] == 0).all()
 
 
 def dropout_keep_mask(lengths, heads, dropout_p, seed):
@@ -125,7 +95,7 @@ def test_dropout_same_mask_in_forward_and_backward():
     out = varlen_attention_triton(*inputs, cu_seqlens, max(lengths), dropout_p=p, seed=seed)
     out.backward(grad_out)
     reference = [leaf(t, torch.float64) for t in inputs]
-    out_ref = attention_reference(*reference, cu_seqlens=cu_seqlens, keep_mask=masks, dropout_p=p)
+    out_ref = attention_reference(*reference, cu_seqlens, keep_mask=masks, dropout_p=p)
     out_ref.backward(grad_out.double())
     torch.testing.assert_close(out.double(), out_ref, atol=2e-5, rtol=2e-5)
     assert_grads_close(inputs, reference, 2e-5, 2e-5)
@@ -162,7 +132,7 @@ def test_cpu_path_matches_float64_reference(head_dim):
     out = varlen_attention_torch(*inputs, cu_seqlens, 70)
     out.backward(grad_out)
     reference = [leaf(t, torch.float64) for t in inputs]
-    out_ref = attention_reference(*reference, cu_seqlens=cu_seqlens)
+    out_ref = attention_reference(*reference, cu_seqlens)
     out_ref.backward(grad_out.double())
     torch.testing.assert_close(out.double(), out_ref, atol=2e-5, rtol=2e-5)
     assert_grads_close(inputs, reference, 2e-5, 2e-5)
@@ -194,13 +164,6 @@ def test_cpu_path_dropout_statistics():
     exact = varlen_attention_torch(q, k, v, cu_seqlens, 6)
     standard_error = draws.std(0) / 4000 ** 0.5
     assert ((draws.mean(0) - exact).abs() <= 5 * standard_error + 1e-9).all()
-
-
-def test_padded_cpu_path_matches_reference():
-    key_lengths = torch.tensor([5, 0, 11], dtype=torch.int32, device=DEVICE)
-    q, k, v = (torch.randn(3, 11, 2, 16, dtype=torch.float64, device=DEVICE) for _ in range(3))
-    torch.testing.assert_close(padded_attention_torch(q, k, v, key_lengths),
-                               attention_reference(q, k, v, key_lengths=key_lengths))
 
 
 def test_dispatch_override(monkeypatch):

@@ -1,11 +1,14 @@
 """The single dispatch point of the encoder's hot ops.
 
 Model code calls only the functions below; which implementation runs is decided here and nowhere
-else: the Triton kernels on CUDA tensors when Triton is installed, the PyTorch path otherwise.
+else: the Triton kernels on CUDA tensors when Triton is installed, the PyTorch path otherwise
+(and for bfloat16 on GPUs older than compute capability 8.0, which the kernels cannot serve).
 The environment variable ``MTBERT_KERNELS`` (read at each call) forces one: ``torch`` always runs
 PyTorch; ``triton`` always runs Triton, which on CPU tensors needs ``TRITON_INTERPRET=1`` set
 before mtbert is imported (Triton's interpreter, how the tests run the kernels without a GPU).
-Triton itself is optional: without it everything runs in PyTorch.
+Triton itself is optional: without it everything runs in PyTorch. The Triton ops are PyTorch
+custom ops (``torch.ops.mtbert.*``, registered in each op module), so torch.compile traces them
+as single nodes; ``python -m mtbert.kernels.compile_check`` compiles them for GPU targets.
 
 Inside ``with GradientSegments(attention_mask, offsets, destinations):`` (see ``segmented``), the
 ops of parameters that require grad take their segmented form: one forward and one backward for
@@ -20,11 +23,11 @@ from . import attention as _attention
 from . import bias_gelu as _bias_gelu
 from . import layer_norm as _layer_norm
 from . import segmented as _segmented
-from ._triton import can_launch, triton_available
+from ._triton import can_launch, gpu_unsupported_reason, triton_available
 from .segmented import GradientSegments
 
-__all__ = ["add_layer_norm", "bias_gelu", "linear", "embedding", "varlen_attention", "padded_attention",
-           "GradientSegments", "use_triton", "triton_available"]
+__all__ = ["add_layer_norm", "bias_gelu", "linear", "embedding", "varlen_attention", "GradientSegments",
+           "use_triton", "triton_available"]
 
 _CHOICES = ("torch", "triton", "auto")
 
@@ -38,11 +41,16 @@ def use_triton(tensor) -> bool:
         return False
     if choice == "triton":
         return True  # the op raises a clear error if the kernel cannot run here
-    return tensor.is_cuda and can_launch(tensor)
+    # e.g. bfloat16 on a pre-Ampere GPU falls back to PyTorch
+    return tensor.is_cuda and can_launch(tensor) and gpu_unsupported_reason(tensor) is None
 
 
 def _segments_for(*params):
-    """The active GradientSegments when one of ``params`` will need a gradient, else None."""
+    """The active GradientSegments when one of ``params`` will need a gradient, else None. Eager
+    only: torch.compile cannot trace the ContextVar that holds them, so compiled graphs run the
+    plain ops."""
+    if torch.compiler.is_compiling():
+        return None
     segments = _segmented.current()
     if segments is None or not torch.is_grad_enabled():
         return None
@@ -112,12 +120,3 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
         return _attention.varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
     return _attention.varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
 
-
-def padded_attention(q, k, v, key_lengths, dropout_p=0.0, softmax_scale=None):
-    """Attention over right-padded sequences. q, k, v: [B, L, heads, head_dim]; key_lengths: [B]
-    int32, keys at positions >= key_lengths[b] are ignored (every query row is computed; a row
-    with no keys gives zeros). Returns [B, L, heads, head_dim]."""
-    if use_triton(q):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        return _attention.padded_attention_triton(q, k, v, key_lengths, dropout_p, softmax_scale)
-    return _attention.padded_attention_torch(q, k, v, key_lengths, dropout_p, softmax_scale)

@@ -6,6 +6,8 @@ launched (the dispatcher in ``__init__`` checks :func:`triton_available` first),
 references keep working. Op modules use ``from __future__ import annotations`` so that their
 ``tl.constexpr`` annotations are not evaluated when Triton is missing.
 """
+from __future__ import annotations
+
 import os
 
 import torch
@@ -29,6 +31,12 @@ def jit(fn):
     return fn if triton is None else triton.jit(fn)
 
 
+def constexpr(value):
+    """A module-level constant a kernel may read: compiled kernels only see ``tl.constexpr``
+    globals (the interpreter sees any global, so only a GPU compile catches a plain float)."""
+    return value if tl is None else tl.constexpr(value)
+
+
 def triton_available() -> bool:
     return triton is not None
 
@@ -41,12 +49,27 @@ def can_launch(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda or (INTERPRETED and tensor.device.type == "cpu")
 
 
+def gpu_unsupported_reason(tensor) -> str | None:
+    """Why the kernels cannot serve ``tensor``'s dtype on its GPU, or None: bfloat16 dots need
+    compute capability 8.0 (Ampere) or newer."""
+    if tensor.is_cuda and tensor.dtype == torch.bfloat16:
+        major, minor = torch.cuda.get_device_capability(tensor.device)
+        if major < 8:
+            gpu = torch.cuda.get_device_name(tensor.device)
+            return (f"bfloat16 needs a GPU of compute capability 8.0 or newer, and {gpu} is {major}.{minor}: "
+                    "use float16 or MTBERT_KERNELS=torch")
+    return None
+
+
 def check_launchable(name: str, tensor: torch.Tensor):
     if not can_launch(tensor):
         reason = f"{name} cannot go to the Triton kernels: Triton is not installed" if triton is None else (
             f"{name} is on {tensor.device}: the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set "
             "before importing mtbert")
         raise ValueError(reason)
+    unsupported = gpu_unsupported_reason(tensor)
+    if unsupported is not None:
+        raise ValueError(f"{name} cannot go to the Triton kernels: {unsupported}")
 
 
 def row_block(n: int, name: str):
@@ -57,16 +80,23 @@ def row_block(n: int, name: str):
     return block, min(max(block // 256, 1), 16)
 
 
-def attention_blocks(head_dim: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the attention kernels for one head size. The
-    interpreter gets small blocks, so that the tests' lengths 1…70 span several of them."""
+def attention_blocks(head_dim: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the attention kernels for one head size and
+    input dtype. The interpreter gets small blocks, so that the tests' lengths 1…70 span several of
+    them. On a GPU these are tiles without register spills on sm_80…sm_90, in every dtype, head
+    size and dropout setting (``python -m mtbert.kernels.compile_check --full``). The dK/dV kernel
+    is the tightest: with 16-bit inputs, 64×64 tiles on 4 or 8 warps and 64×32 on 4 or 8 warps
+    spilled. float32 dots are exact FMA loops whose operands stay in registers, so head dim 128
+    needs 16×32 on 8 warps (32×32 on 4 or 8 warps and 16×32 on 4 warps spilled). Head dim 16
+    takes 4 warps (its dQ kernel spilled on sm_80 with 8). Not yet tuned for speed on a GPU.
+    """
     if head_dim not in (16, 32, 64, 128):
         raise ValueError(f"head_dim must be 16, 32, 64 or 128, got {head_dim}")
     if INTERPRETED:
         return 16, 16, 4, 1
-    if head_dim <= 64:
-        return 64, 64, 4, 3
-    return 64, 32, 4, 2
+    if dtype == torch.float32 and head_dim == 128:
+        return 16, 32, 8, 2
+    return 32, 32, 4 if head_dim == 16 else 8, 2
 
 
 def dot_in_float32(dtype: torch.dtype) -> bool:

@@ -1,9 +1,7 @@
 """Softmax attention over variable-length sequences, FlashAttention-2 style (Dao 2023).
 
-Layouts: packed (varlen) q, k, v, out are [T, heads, head_dim] with ``cu_seqlens`` [B + 1] int32
-offsets of each sequence's tokens; padded q, k, v, out are [B, L, heads, head_dim] with
-``key_lengths`` [B] (keys at positions >= key_lengths[b] are ignored; every query row is computed;
-a row with no keys gives zeros). One program handles one block of queries (forward, dq) or keys
+Layout: packed (varlen) q, k, v, out are [T, heads, head_dim] with ``cu_seqlens`` [B + 1] int32
+offsets of each sequence's tokens. One program handles one block of queries (forward, dq) or keys
 (dk, dv) of one (sequence, head); the softmax is computed online in float32, so no [L, L] matrix
 is stored. Saved statistics are the float32 log-sum-exp per (head, token), in base 2.
 
@@ -31,17 +29,10 @@ _TORCH_DTYPES = FLOAT_DTYPES + (torch.float64,)
 
 
 @jit
-def _sequence_bounds(cu_seqlens_ptr, key_lengths_ptr, batch, padded_len, VARLEN: tl.constexpr):
-    """(first token, query rows, key rows) of sequence ``batch``."""
-    if VARLEN:
-        start = tl.load(cu_seqlens_ptr + batch)
-        q_len = tl.load(cu_seqlens_ptr + batch + 1) - start
-        k_len = q_len
-    else:
-        start = batch * padded_len
-        q_len = padded_len
-        k_len = tl.load(key_lengths_ptr + batch)
-    return start.to(tl.int64), q_len, k_len
+def _sequence_bounds(cu_seqlens_ptr, batch):
+    """(first token, length) of sequence ``batch``."""
+    start = tl.load(cu_seqlens_ptr + batch)
+    return start.to(tl.int64), tl.load(cu_seqlens_ptr + batch + 1) - start
 
 
 @jit
@@ -57,23 +48,22 @@ def _attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr,  # [T, heads, HEAD_DIM], contiguous
     out_ptr,  # [T, heads, HEAD_DIM], contiguous
     lse_ptr,  # [heads, T] float32, base-2 log-sum-exp of the scaled scores
-    cu_seqlens_ptr,  # [B + 1] int32 (VARLEN)
-    key_lengths_ptr,  # [B] int32 (padded)
-    heads, total_tokens, padded_len, max_keys,
+    cu_seqlens_ptr,  # [B + 1] int32
+    heads, total_tokens, max_keys,
     qk_scale,  # softmax scale * log2(e)
     dropout_p, seed,
-    VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     batch = tl.program_id(1)
     head = tl.program_id(2).to(tl.int64)
-    start, q_len, k_len = _sequence_bounds(cu_seqlens_ptr, key_lengths_ptr, batch, padded_len, VARLEN)
+    start, seq_len = _sequence_bounds(cu_seqlens_ptr, batch)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    if tl.program_id(0) * BLOCK_M >= q_len:
+    if tl.program_id(0) * BLOCK_M >= seq_len:
         return
     token_stride = heads * HEAD_DIM
     dims = tl.arange(0, HEAD_DIM)
-    row_ok = rows < q_len
+    row_ok = rows < seq_len
     q_offsets = (start + rows)[:, None] * token_stride + head * HEAD_DIM + dims[None, :]
     q = tl.load(q_ptr + q_offsets, mask=row_ok[:, None], other=0.0)
     if DOT_FP32:
@@ -81,9 +71,9 @@ def _attention_fwd_kernel(
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    for key_start in range(0, k_len, BLOCK_N):
+    for key_start in range(0, seq_len, BLOCK_N):
         keys = key_start + tl.arange(0, BLOCK_N)
-        key_ok = keys < k_len
+        key_ok = keys < seq_len
         k_t = tl.load(k_ptr + (start + keys)[None, :] * token_stride + head * HEAD_DIM + dims[:, None],
                       mask=key_ok[None, :], other=0.0)  # (HEAD_DIM, BLOCK_N)
         v = tl.load(v_ptr + (start + keys)[:, None] * token_stride + head * HEAD_DIM + dims[None, :],
@@ -101,12 +91,11 @@ def _attention_fwd_kernel(
             probs = tl.where(keep, probs, 0.0)
         acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
         row_max = new_max
-    has_keys = row_sum > 0.0  # False only for a padded sequence with no keys
-    out = acc / tl.where(has_keys, row_sum, 1.0)[:, None]
+    out = acc / row_sum[:, None]  # >= 1: the sequence has a key, and its largest score adds exp2(0)
     if HAS_DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
     tl.store(out_ptr + q_offsets, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    lse = tl.where(has_keys, row_max + tl.log2(tl.where(has_keys, row_sum, 1.0)), float("-inf"))
+    lse = row_max + tl.log2(row_sum)
     tl.store(lse_ptr + head * total_tokens + start + rows, lse, mask=row_ok)
 
 
@@ -132,23 +121,21 @@ def _attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, grad_out_ptr,  # [T, heads, HEAD_DIM], contiguous
     lse_ptr, delta_ptr,  # [heads, T] float32
     grad_k_ptr, grad_v_ptr,  # [T, heads, HEAD_DIM], contiguous
-    cu_seqlens_ptr, key_lengths_ptr,
-    heads, total_tokens, padded_len, max_keys,
+    cu_seqlens_ptr,  # [B + 1] int32
+    heads, total_tokens, max_keys,
     softmax_scale, qk_scale, dropout_p, seed,
-    VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     batch = tl.program_id(1)
     head = tl.program_id(2).to(tl.int64)
-    start, q_len, k_len = _sequence_bounds(cu_seqlens_ptr, key_lengths_ptr, batch, padded_len, VARLEN)
-    # Rows to write: in the padded layout the padding keys get zero gradients.
-    k_rows = k_len if VARLEN else padded_len
-    if tl.program_id(0) * BLOCK_N >= k_rows:
+    start, seq_len = _sequence_bounds(cu_seqlens_ptr, batch)
+    if tl.program_id(0) * BLOCK_N >= seq_len:
         return
     token_stride = heads * HEAD_DIM
     keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
-    key_ok = keys < k_len
+    key_ok = keys < seq_len
     kv_offsets = (start + keys)[:, None] * token_stride + head * HEAD_DIM + dims[None, :]
     k = tl.load(k_ptr + kv_offsets, mask=key_ok[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
     v = tl.load(v_ptr + kv_offsets, mask=key_ok[:, None], other=0.0)
@@ -157,33 +144,32 @@ def _attention_bwd_dkdv_kernel(
         v = v.to(tl.float32)
     grad_k = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     grad_v = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
-    if tl.program_id(0) * BLOCK_N < k_len:
-        for query_start in range(0, q_len, BLOCK_M):
-            rows = query_start + tl.arange(0, BLOCK_M)
-            row_ok = rows < q_len
-            q_t = tl.load(q_ptr + (start + rows)[None, :] * token_stride + head * HEAD_DIM + dims[:, None],
-                          mask=row_ok[None, :], other=0.0)  # (HEAD_DIM, BLOCK_M)
-            grad_out = tl.load(grad_out_ptr + (start + rows)[:, None] * token_stride + head * HEAD_DIM
-                               + dims[None, :], mask=row_ok[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
-            if DOT_FP32:
-                q_t = q_t.to(tl.float32)
-                grad_out = grad_out.to(tl.float32)
-            lse = tl.load(lse_ptr + head * total_tokens + start + rows, mask=row_ok, other=0.0)
-            delta = tl.load(delta_ptr + head * total_tokens + start + rows, mask=row_ok, other=0.0)
-            valid = key_ok[:, None] & row_ok[None, :]
-            probs_t = tl.where(valid, tl.exp2(tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale - lse[None, :]), 0.0)  # (BLOCK_N, BLOCK_M)
-            grad_probs_t = tl.dot(v, tl.trans(grad_out), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-            if HAS_DROPOUT:
-                keep_t = _keep_mask(seed, head, total_tokens, max_keys, (start + rows)[None, :], keys[:, None],
-                                    dropout_p)
-                kept_scale = 1.0 / (1.0 - dropout_p)
-                grad_v += tl.dot(tl.where(keep_t, probs_t * kept_scale, 0.0).to(grad_out.dtype), grad_out, input_precision=DOT_PRECISION)
-                grad_probs_t = tl.where(keep_t, grad_probs_t * kept_scale, 0.0)
-            else:
-                grad_v += tl.dot(probs_t.to(grad_out.dtype), grad_out, input_precision=DOT_PRECISION)
-            grad_scores_t = probs_t * (grad_probs_t - delta[None, :])
-            grad_k += tl.dot(grad_scores_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
-    write_ok = (keys < k_rows)[:, None]
+    for query_start in range(0, seq_len, BLOCK_M):
+        rows = query_start + tl.arange(0, BLOCK_M)
+        row_ok = rows < seq_len
+        q_t = tl.load(q_ptr + (start + rows)[None, :] * token_stride + head * HEAD_DIM + dims[:, None],
+                      mask=row_ok[None, :], other=0.0)  # (HEAD_DIM, BLOCK_M)
+        grad_out = tl.load(grad_out_ptr + (start + rows)[:, None] * token_stride + head * HEAD_DIM
+                           + dims[None, :], mask=row_ok[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+        if DOT_FP32:
+            q_t = q_t.to(tl.float32)
+            grad_out = grad_out.to(tl.float32)
+        lse = tl.load(lse_ptr + head * total_tokens + start + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + head * total_tokens + start + rows, mask=row_ok, other=0.0)
+        valid = key_ok[:, None] & row_ok[None, :]
+        probs_t = tl.where(valid, tl.exp2(tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale - lse[None, :]), 0.0)  # (BLOCK_N, BLOCK_M)
+        grad_probs_t = tl.dot(v, tl.trans(grad_out), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        if HAS_DROPOUT:
+            keep_t = _keep_mask(seed, head, total_tokens, max_keys, (start + rows)[None, :], keys[:, None],
+                                dropout_p)
+            kept_scale = 1.0 / (1.0 - dropout_p)
+            grad_v += tl.dot(tl.where(keep_t, probs_t * kept_scale, 0.0).to(grad_out.dtype), grad_out, input_precision=DOT_PRECISION)
+            grad_probs_t = tl.where(keep_t, grad_probs_t * kept_scale, 0.0)
+        else:
+            grad_v += tl.dot(probs_t.to(grad_out.dtype), grad_out, input_precision=DOT_PRECISION)
+        grad_scores_t = probs_t * (grad_probs_t - delta[None, :])
+        grad_k += tl.dot(grad_scores_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
+    write_ok = key_ok[:, None]
     tl.store(grad_k_ptr + kv_offsets, (grad_k * softmax_scale).to(grad_k_ptr.dtype.element_ty), mask=write_ok)
     tl.store(grad_v_ptr + kv_offsets, grad_v.to(grad_v_ptr.dtype.element_ty), mask=write_ok)
 
@@ -193,21 +179,21 @@ def _attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, grad_out_ptr,  # [T, heads, HEAD_DIM], contiguous
     lse_ptr, delta_ptr,  # [heads, T] float32
     grad_q_ptr,  # [T, heads, HEAD_DIM], contiguous
-    cu_seqlens_ptr, key_lengths_ptr,
-    heads, total_tokens, padded_len, max_keys,
+    cu_seqlens_ptr,  # [B + 1] int32
+    heads, total_tokens, max_keys,
     softmax_scale, qk_scale, dropout_p, seed,
-    VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     batch = tl.program_id(1)
     head = tl.program_id(2).to(tl.int64)
-    start, q_len, k_len = _sequence_bounds(cu_seqlens_ptr, key_lengths_ptr, batch, padded_len, VARLEN)
-    if tl.program_id(0) * BLOCK_M >= q_len:
+    start, seq_len = _sequence_bounds(cu_seqlens_ptr, batch)
+    if tl.program_id(0) * BLOCK_M >= seq_len:
         return
     token_stride = heads * HEAD_DIM
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
-    row_ok = rows < q_len
+    row_ok = rows < seq_len
     q_offsets = (start + rows)[:, None] * token_stride + head * HEAD_DIM + dims[None, :]
     q = tl.load(q_ptr + q_offsets, mask=row_ok[:, None], other=0.0)
     grad_out = tl.load(grad_out_ptr + q_offsets, mask=row_ok[:, None], other=0.0)
@@ -217,9 +203,9 @@ def _attention_bwd_dq_kernel(
     lse = tl.load(lse_ptr + head * total_tokens + start + rows, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + head * total_tokens + start + rows, mask=row_ok, other=0.0)
     grad_q = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    for key_start in range(0, k_len, BLOCK_N):
+    for key_start in range(0, seq_len, BLOCK_N):
         keys = key_start + tl.arange(0, BLOCK_N)
-        key_ok = keys < k_len
+        key_ok = keys < seq_len
         kv_t_offsets = (start + keys)[None, :] * token_stride + head * HEAD_DIM + dims[:, None]
         k_t = tl.load(k_ptr + kv_t_offsets, mask=key_ok[None, :], other=0.0)  # (HEAD_DIM, BLOCK_N)
         v_t = tl.load(v_ptr + kv_t_offsets, mask=key_ok[None, :], other=0.0)
@@ -237,120 +223,134 @@ def _attention_bwd_dq_kernel(
     tl.store(grad_q_ptr + q_offsets, (grad_q * softmax_scale).to(grad_q_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _check_inputs(q, k, v, cu_seqlens, max_seqlen, key_lengths, dropout_p, softmax_scale, dtypes=FLOAT_DTYPES,
-                  contiguous=True):
-    """Validates either layout; returns (batch, padded_len or 0, max keys per sequence)."""
-    varlen = cu_seqlens is not None
-    if varlen == (key_lengths is not None):
-        raise ValueError("pass exactly one of cu_seqlens (packed [T, heads, head_dim] inputs) and key_lengths "
-                         "(padded [B, L, heads, head_dim] inputs)")
-    check_tensor("q", q, dims=3 if varlen else 4, dtypes=dtypes, contiguous=contiguous)
+def _check_inputs(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, dtypes=FLOAT_DTYPES, contiguous=True):
+    """Raises ValueError naming the first bad argument. Reads only shapes, dtypes and devices, so it
+    also runs while torch.compile traces (max_seqlen may then be a symbolic int)."""
+    check_tensor("q", q, dims=3, dtypes=dtypes, contiguous=contiguous)
     check_tensor("k", k, dtypes=(q.dtype,), like=q, shape=q.shape, contiguous=contiguous)
     check_tensor("v", v, dtypes=(q.dtype,), like=q, shape=q.shape, contiguous=contiguous)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if softmax_scale is not None and not softmax_scale > 0:
         raise ValueError(f"softmax_scale must be positive, got {softmax_scale}")
-    if varlen:
-        check_tensor("cu_seqlens", cu_seqlens, dims=1, dtypes=(torch.int32,), like=q)
-        if cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens must hold at least 2 offsets, got {cu_seqlens.numel()}")
-        if not isinstance(max_seqlen, int) or max_seqlen < 1:
-            raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
-        check_finite("q", q)
-        check_finite("k", k)
-        check_finite("v", v)
-        return cu_seqlens.numel() - 1, 0, max_seqlen
-    B, L = q.shape[:2]
-    check_tensor("key_lengths", key_lengths, shape=(B,), dtypes=(torch.int32,), like=q)
-    return B, L, L
+    check_tensor("cu_seqlens", cu_seqlens, dims=1, dtypes=(torch.int32,), like=q)
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must hold at least 2 offsets, got {cu_seqlens.numel()}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)) or max_seqlen < 1:
+        raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
 
 
-def attention_forward(q, k, v, cu_seqlens=None, max_seqlen=None, key_lengths=None, softmax_scale=None,
-                      dropout_p=0.0, seed=0):
+def kernel_settings(dtype: torch.dtype, head_dim: int, dropout: bool) -> dict:
+    """The constexprs and launch options of the forward, dK/dV and dQ kernels for one input dtype,
+    head size and dropout setting: what the launchers below pass, and what the compile gate
+    (mtbert.kernels.compile_check) compiles for each GPU target."""
+    BLOCK_M, BLOCK_N, num_warps, num_stages = attention_blocks(head_dim, dtype)
+    return dict(HAS_DROPOUT=dropout, DOT_FP32=dot_in_float32(dtype), DOT_PRECISION=dot_precision(dtype),
+                HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages)
+
+
+def attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, dropout_p=0.0, seed=0):
     """softmax(q kᵀ · scale) v per (sequence, head), dropout on the probabilities.
 
-    Packed: q, k, v [T, heads, head_dim] with cu_seqlens [B + 1] int32 and max_seqlen (an int
-    bounding every length). Padded: q, k, v [B, L, heads, head_dim] with key_lengths [B] int32.
-    float32/float16/bfloat16, contiguous; head_dim 16/32/64/128; scale defaults to head_dim^-1/2.
-    Returns out (q's layout and dtype) and lse [heads, B·L or T] float32 (base 2).
+    q, k, v [T, heads, head_dim] with cu_seqlens [B + 1] int32 and max_seqlen (an int bounding
+    every length); float32/float16/bfloat16, contiguous; head_dim 16/32/64/128; scale defaults to
+    head_dim^-1/2. Returns out (q's layout and dtype) and lse [heads, T] float32 (base 2).
     """
-    B, padded_len, max_keys = _check_inputs(q, k, v, cu_seqlens, max_seqlen, key_lengths, dropout_p, softmax_scale)
+    _check_inputs(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
     check_launchable("q", q)
-    heads, head_dim = q.shape[-2:]
-    total_tokens = q.numel() // (heads * head_dim)
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        check_finite(name, tensor)
+    total_tokens, heads, head_dim = q.shape
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
-    BLOCK_M, BLOCK_N, num_warps, num_stages = attention_blocks(head_dim)
+    settings = kernel_settings(q.dtype, head_dim, dropout_p > 0)
     out = torch.empty_like(q)
     lse = torch.empty(heads, total_tokens, dtype=torch.float32, device=q.device)
-    lengths_ptr = cu_seqlens if key_lengths is None else key_lengths
-    _attention_fwd_kernel[(triton.cdiv(max_keys, BLOCK_M), B, heads)](
-        q, k, v, out, lse, lengths_ptr, lengths_ptr,
-        heads, total_tokens, padded_len, max_keys, scale * _LOG2E, dropout_p, seed,
-        VARLEN=cu_seqlens is not None, HAS_DROPOUT=dropout_p > 0, DOT_FP32=dot_in_float32(q.dtype),
-        DOT_PRECISION=dot_precision(q.dtype), HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages,
-    )
+    _attention_fwd_kernel[(triton.cdiv(max_seqlen, settings["BLOCK_M"]), cu_seqlens.numel() - 1, heads)](
+        q, k, v, out, lse, cu_seqlens, heads, total_tokens, max_seqlen, scale * _LOG2E, dropout_p, seed, **settings)
     return out, lse
 
 
-def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens=None, max_seqlen=None, key_lengths=None,
-                       softmax_scale=None, dropout_p=0.0, seed=0):
+def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale=None, dropout_p=0.0,
+                       seed=0):
     """Gradients (dq, dk, dv) of :func:`attention_forward`, given its out and lse and the same
-    layout arguments, scale, dropout_p and seed."""
-    B, padded_len, max_keys = _check_inputs(q, k, v, cu_seqlens, max_seqlen, key_lengths, dropout_p, softmax_scale)
+    cu_seqlens, max_seqlen, scale, dropout_p and seed."""
+    _check_inputs(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
     check_tensor("grad_out", grad_out, dtypes=None, like=q, shape=q.shape)
-    heads, head_dim = q.shape[-2:]
-    total_tokens = q.numel() // (heads * head_dim)
+    total_tokens, heads, head_dim = q.shape
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
-    BLOCK_M, BLOCK_N, num_warps, num_stages = attention_blocks(head_dim)
+    settings = kernel_settings(q.dtype, head_dim, dropout_p > 0)
     grad_out = grad_out.to(q.dtype)
     delta = torch.empty(heads, total_tokens, dtype=torch.float32, device=q.device)
-    _attention_bwd_delta_kernel[(triton.cdiv(total_tokens, BLOCK_M), heads)](
-        out, grad_out, delta, total_tokens, heads, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M)
+    _attention_bwd_delta_kernel[(triton.cdiv(total_tokens, settings["BLOCK_M"]), heads)](
+        out, grad_out, delta, total_tokens, heads, HEAD_DIM=head_dim, BLOCK_M=settings["BLOCK_M"])
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    lengths_ptr = cu_seqlens if key_lengths is None else key_lengths
-    common = dict(VARLEN=cu_seqlens is not None, HAS_DROPOUT=dropout_p > 0, DOT_FP32=dot_in_float32(q.dtype),
-                  DOT_PRECISION=dot_precision(q.dtype), HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages)
-    scalars = (heads, total_tokens, padded_len, max_keys, scale, scale * _LOG2E, dropout_p, seed)
-    _attention_bwd_dkdv_kernel[(triton.cdiv(max_keys, BLOCK_N), B, heads)](
-        q, k, v, grad_out, lse, delta, grad_k, grad_v, lengths_ptr, lengths_ptr, *scalars, **common)
-    _attention_bwd_dq_kernel[(triton.cdiv(max_keys, BLOCK_M), B, heads)](
-        q, k, v, grad_out, lse, delta, grad_q, lengths_ptr, lengths_ptr, *scalars, **common)
+    batch = cu_seqlens.numel() - 1
+    scalars = (heads, total_tokens, max_seqlen, scale, scale * _LOG2E, dropout_p, seed)
+    _attention_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, settings["BLOCK_N"]), batch, heads)](
+        q, k, v, grad_out, lse, delta, grad_k, grad_v, cu_seqlens, *scalars, **settings)
+    _attention_bwd_dq_kernel[(triton.cdiv(max_seqlen, settings["BLOCK_M"]), batch, heads)](
+        q, k, v, grad_out, lse, delta, grad_q, cu_seqlens, *scalars, **settings)
     return grad_q, grad_k, grad_v
 
 
-class AttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, key_lengths, softmax_scale, dropout_p, seed):
-        out, lse = attention_forward(q, k, v, cu_seqlens, max_seqlen, key_lengths, softmax_scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, key_lengths)
-        ctx.settings = (max_seqlen, softmax_scale, dropout_p, seed)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, cu_seqlens, key_lengths = ctx.saved_tensors
-        max_seqlen, softmax_scale, dropout_p, seed = ctx.settings
-        grads = attention_backward(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, max_seqlen, key_lengths,
-                                   softmax_scale, dropout_p, seed)
-        return (*grads, None, None, None, None, None, None)
+# The kernels as PyTorch custom ops, so that torch.compile(fullgraph=True) traces through them
+# (each is one opaque node; the fake implementations give the output shapes). The dropout seed is a
+# CPU int64 tensor drawn outside the op: the op stays a pure function of its inputs, and the
+# backward reads the forward's seed from the saved tensors.
+@torch.library.custom_op("mtbert::varlen_attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                  softmax_scale: float, dropout_p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, int(seed))
 
 
-def _draw_seed() -> int:
-    # From the CPU generator (seeded by torch.manual_seed), so that no GPU sync is needed.
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+@_attention_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed):
+    return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("mtbert::varlen_attention_backward", mutates_args=())
+def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                           softmax_scale: float, dropout_p: float,
+                           seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, dropout_p,
+                              int(seed))
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens, seed)
+    ctx.settings = (max_seqlen, softmax_scale, dropout_p)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):  # lse is an internal output: its gradient is unused
+    q, k, v, out, lse, cu_seqlens, seed = ctx.saved_tensors
+    grads = _attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, *ctx.settings, seed)
+    return (*grads, None, None, None, None, None)
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+def _seed_tensor(seed, dropout_p):
+    """The op's seed: ``seed`` as a tensor, else drawn from the CPU generator (seeded by
+    torch.manual_seed, no GPU sync) when there is dropout."""
+    if seed is None:
+        return torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
+    return torch.tensor(seed, dtype=torch.int64)
 
 
 def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, seed=None):
-    """Packed attention with autograd (Triton). See :func:`attention_forward`."""
-    seed = _draw_seed() if seed is None and dropout_p > 0 else (seed or 0)
-    return AttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, None, softmax_scale, dropout_p, seed)
-
-
-def padded_attention_triton(q, k, v, key_lengths, dropout_p=0.0, softmax_scale=None, seed=None):
-    """Padded attention with autograd (Triton). See :func:`attention_forward`."""
-    seed = _draw_seed() if seed is None and dropout_p > 0 else (seed or 0)
-    return AttentionFunction.apply(q, k, v, None, None, key_lengths, softmax_scale, dropout_p, seed)
+    """Packed attention with autograd (Triton, as the custom op mtbert::varlen_attention). See
+    :func:`attention_forward`; ``seed`` (an int) fixes the dropout mask."""
+    _check_inputs(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    return _attention_op(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, _seed_tensor(seed, dropout_p))[0]
 
 
 def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None):
@@ -365,7 +365,9 @@ def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softm
     Without dropout it is ``scaled_dot_product_attention`` with a key mask; with dropout, the plain
     matmul-softmax-dropout-matmul, i.e. Hugging Face's eager attention, whose dropout draws the
     same random numbers in the same order (within one run)."""
-    _check_inputs(q, k, v, cu_seqlens, max_seqlen, None, dropout_p, softmax_scale, _TORCH_DTYPES, contiguous=False)
+    _check_inputs(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, _TORCH_DTYPES, contiguous=False)
+    if torch.compiler.is_compiling():  # the runs depend on the lengths' values: one run in a graph
+        return _padded_varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
     lengths = cu_seqlens.diff().tolist()
     groups = padding_groups(tuple(lengths))
     if len(groups) == 1:
@@ -430,38 +432,17 @@ def _padded_varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax
     return context.transpose(1, 2)[rows, positions]  # (T, heads, head_dim)
 
 
-def padded_attention_torch(q, k, v, key_lengths, dropout_p=0.0, softmax_scale=None):
-    """Padded attention in PyTorch (``scaled_dot_product_attention`` with a key mask)."""
-    _check_inputs(q, k, v, None, None, key_lengths, dropout_p, softmax_scale, _TORCH_DTYPES, contiguous=False)
-    B, L = q.shape[:2]
-    key_ok = torch.arange(L, device=q.device) < key_lengths[:, None]  # (B, L)
-    has_keys = key_lengths > 0
-    # A sequence without keys attends to everything and is zeroed afterwards: no NaN, no gradient.
-    key_ok = key_ok | ~has_keys[:, None]
-    context = F.scaled_dot_product_attention(
-        *(t.transpose(1, 2) for t in (q, k, v)),  # (B, heads, L, head_dim)
-        attn_mask=key_ok[:, None, None, :], dropout_p=dropout_p, scale=softmax_scale,
-    ).transpose(1, 2)
-    return torch.where(has_keys[:, None, None, None], context, 0.0)
-
-
-def attention_reference(q, k, v, cu_seqlens=None, key_lengths=None, softmax_scale=None, keep_mask=None,
-                        dropout_p=0.0):
-    """Plain PyTorch reference for both layouts: per sequence, softmax(q kᵀ · scale) masked to the
-    real keys, times ``keep_mask / (1 - dropout_p)`` when a keep mask [heads, Lq, Lk] per sequence
-    (a list) is given, times v. Rows without keys give zeros, as the kernel does."""
-    head_dim = q.shape[-1]
-    scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
-    if cu_seqlens is not None:
-        bounds = cu_seqlens.tolist()
-        pieces = [(q[a:b], k[a:b], v[a:b], b - a) for a, b in zip(bounds[:-1], bounds[1:])]
-    else:
-        pieces = [(q[i], k[i], v[i], int(n)) for i, n in enumerate(key_lengths.tolist())]
+def attention_reference(q, k, v, cu_seqlens, softmax_scale=None, keep_mask=None, dropout_p=0.0):
+    """Plain PyTorch reference: per packed sequence, softmax(q kᵀ · scale), times
+    ``keep_mask / (1 - dropout_p)`` when a keep mask [heads, len, len] per sequence (a list) is
+    given, times v."""
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    bounds = cu_seqlens.tolist()
     outputs = []
-    for index, (q_s, k_s, v_s, k_len) in enumerate(pieces):
-        q_h, k_h, v_h = (t.transpose(0, 1) for t in (q_s, k_s[:k_len], v_s[:k_len]))  # (heads, len, head_dim)
-        probs = torch.softmax(q_h @ k_h.transpose(-1, -2) * scale, dim=-1)  # (heads, Lq, Lk)
+    for index, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        q_h, k_h, v_h = (t[a:b].transpose(0, 1) for t in (q, k, v))  # (heads, len, head_dim)
+        probs = torch.softmax(q_h @ k_h.transpose(-1, -2) * scale, dim=-1)  # (heads, len, len)
         if keep_mask is not None:
             probs = probs * keep_mask[index] / (1.0 - dropout_p)
         outputs.append((probs @ v_h).transpose(0, 1))
-    return torch.cat(outputs) if cu_seqlens is not None else torch.stack(outputs)
+    return torch.cat(outputs)

@@ -9,12 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import check_launchable, check_finite, check_tensor, jit, tl, triton
+from ._triton import check_finite, check_launchable, check_tensor, constexpr, jit, tl, triton
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_BLOCK_M = 32
-_BLOCK_N = 128
+_SQRT1_2 = constexpr(0.7071067811865476)
+_INV_SQRT_2PI = constexpr(0.3989422804014327)
 
 
 @jit
@@ -69,7 +67,17 @@ def _check_inputs(x, bias):
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
     check_tensor("bias", bias, like=x, shape=(x.shape[-1],))
-    check_finite("x", x)
+
+
+def kernel_settings() -> dict:
+    """Block sizes of both kernels: what the launchers pass, and what the compile gate
+    (mtbert.kernels.compile_check) compiles for each GPU target."""
+    return dict(BLOCK_M=32, BLOCK_N=128)
+
+
+def _grid(M, N):
+    settings = kernel_settings()
+    return triton.cdiv(M, settings["BLOCK_M"]), triton.cdiv(N, settings["BLOCK_N"])
 
 
 def bias_gelu_forward(x, bias):
@@ -77,11 +85,11 @@ def bias_gelu_forward(x, bias):
     dtype. Returns y in x's dtype and shape."""
     _check_inputs(x, bias)
     check_launchable("x", x)
+    check_finite("x", x)
     N = x.shape[-1]
     M = x.numel() // N
     y = torch.empty_like(x)
-    grid = (triton.cdiv(M, _BLOCK_M), triton.cdiv(N, _BLOCK_N))
-    _bias_gelu_fwd_kernel[grid](x, bias, y, M, N, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N)
+    _bias_gelu_fwd_kernel[_grid(M, N)](x, bias, y, M, N, **kernel_settings())
     return y
 
 
@@ -90,28 +98,51 @@ def bias_gelu_backward(grad_y, x, bias):
     check_tensor("grad_y", grad_y, dtypes=None, like=x, shape=x.shape)
     N = x.shape[-1]
     M = x.numel() // N
-    grid = (triton.cdiv(M, _BLOCK_M), triton.cdiv(N, _BLOCK_N))
+    grid = _grid(M, N)
     grad_x = torch.empty_like(x)
     bias_partial = torch.empty(grid[0], N, dtype=torch.float32, device=x.device)
-    _bias_gelu_bwd_kernel[grid](grad_y, x, bias, grad_x, bias_partial, M, N, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N)
+    _bias_gelu_bwd_kernel[grid](grad_y, x, bias, grad_x, bias_partial, M, N, **kernel_settings())
     return grad_x, bias_partial.sum(0).to(bias.dtype)
 
 
-class BiasGeluFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, bias):
-        ctx.save_for_backward(x, bias)
-        return bias_gelu_forward(x, bias)
+# The kernels as PyTorch custom ops, so that torch.compile(fullgraph=True) traces through them.
+@torch.library.custom_op("mtbert::bias_gelu", mutates_args=())
+def _bias_gelu_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return bias_gelu_forward(x, bias)
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, bias = ctx.saved_tensors
-        return bias_gelu_backward(grad_y.contiguous(), x, bias)
+
+@_bias_gelu_op.register_fake
+def _(x, bias):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("mtbert::bias_gelu_backward", mutates_args=())
+def _bias_gelu_backward_op(grad_y: torch.Tensor, x: torch.Tensor,
+                           bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return bias_gelu_backward(grad_y, x, bias)
+
+
+@_bias_gelu_backward_op.register_fake
+def _(grad_y, x, bias):
+    return torch.empty_like(x), torch.empty_like(bias)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_y):
+    x, bias = ctx.saved_tensors
+    return _bias_gelu_backward_op(grad_y.contiguous(), x, bias)
+
+
+_bias_gelu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def bias_gelu_triton(x, bias):
-    """The Triton op with autograd; same contract as :func:`bias_gelu_reference`."""
-    return BiasGeluFunction.apply(x, bias)
+    """The Triton op (mtbert::bias_gelu) with autograd; same contract as :func:`bias_gelu_reference`."""
+    _check_inputs(x, bias)
+    return _bias_gelu_op(x, bias)
 
 
 def bias_gelu_reference(x, bias):

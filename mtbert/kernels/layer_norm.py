@@ -8,6 +8,8 @@ partial sums per program, then one sum over programs (deterministic, no atomics)
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -96,9 +98,14 @@ def _check_inputs(x, residual, weight, bias, eps):
     check_tensor("bias", bias, like=x, shape=(N,))
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    check_finite("x", x)
-    if residual is not None:
-        check_finite("residual", residual)
+    row_block(N, "x")
+
+
+def kernel_settings(n: int, has_residual: bool) -> dict:
+    """Constexprs and launch options of both kernels for rows of ``n`` features: what the launchers
+    pass, and what the compile gate (mtbert.kernels.compile_check) compiles for each GPU target."""
+    BLOCK_N, num_warps = row_block(n, "x")
+    return dict(HAS_RESIDUAL=has_residual, BLOCK_N=BLOCK_N, num_warps=num_warps)
 
 
 def add_layer_norm_forward(x, residual, weight, bias, eps):
@@ -109,17 +116,18 @@ def add_layer_norm_forward(x, residual, weight, bias, eps):
     mean and 1/std ([M], M = x.numel() // N).
     """
     _check_inputs(x, residual, weight, bias, eps)
+    check_launchable("x", x)
+    check_finite("x", x)
+    if residual is not None:
+        check_finite("residual", residual)
     N = x.shape[-1]
     M = x.numel() // N
-    BLOCK_N, num_warps = row_block(N, "x")
-    check_launchable("x", x)
     y = torch.empty_like(x)
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     _add_layer_norm_fwd_kernel[(M,)](
         x, x if residual is None else residual, weight, bias, y, mean, rstd, N, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_N=BLOCK_N, num_warps=num_warps,
-    )
+        **kernel_settings(N, residual is not None))
     return y, mean, rstd
 
 
@@ -129,7 +137,6 @@ def add_layer_norm_backward(grad_y, x, residual, weight, mean, rstd):
     check_tensor("grad_y", grad_y, dtypes=None, like=x, shape=x.shape)
     N = x.shape[-1]
     M = x.numel() // N
-    BLOCK_N, num_warps = row_block(N, "x")
     if x.is_cuda:
         programs = min(M, torch.cuda.get_device_properties(x.device).multi_processor_count * 4)
     else:
@@ -141,31 +148,57 @@ def add_layer_norm_backward(grad_y, x, residual, weight, mean, rstd):
     bias_partial = torch.empty(programs, N, dtype=torch.float32, device=x.device)
     _add_layer_norm_bwd_kernel[(programs,)](
         grad_y, x, x if residual is None else residual, weight, mean, rstd, grad_z, weight_partial,
-        bias_partial, M, N, rows_per_program,
-        HAS_RESIDUAL=residual is not None, BLOCK_N=BLOCK_N, num_warps=num_warps,
-    )
+        bias_partial, M, N, rows_per_program, **kernel_settings(N, residual is not None))
     return grad_z, weight_partial.sum(0).to(weight.dtype), bias_partial.sum(0).to(weight.dtype)
 
 
-class AddLayerNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps):
-        y, mean, rstd = add_layer_norm_forward(x, residual, weight, bias, eps)
-        ctx.save_for_backward(x, residual, weight, mean, rstd)
-        ctx.has_residual = residual is not None
-        return y
+# The kernels as PyTorch custom ops, so that torch.compile(fullgraph=True) traces through them.
+@torch.library.custom_op("mtbert::add_layer_norm", mutates_args=())
+def _add_layer_norm_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return add_layer_norm_forward(x, residual, weight, bias, eps)
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, residual, weight, mean, rstd = ctx.saved_tensors
-        grad_z, grad_weight, grad_bias = add_layer_norm_backward(
-            grad_y.contiguous(), x, residual if ctx.has_residual else None, weight, mean, rstd)
-        return grad_z, grad_z if ctx.has_residual else None, grad_weight, grad_bias, None
+
+@_add_layer_norm_op.register_fake
+def _(x, residual, weight, bias, eps):
+    rows = x.numel() // x.shape[-1]
+    return torch.empty_like(x), x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("mtbert::add_layer_norm_backward", mutates_args=())
+def _add_layer_norm_backward_op(grad_y: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor],
+                                weight: torch.Tensor, mean: torch.Tensor,
+                                rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return add_layer_norm_backward(grad_y, x, residual, weight, mean, rstd)
+
+
+@_add_layer_norm_backward_op.register_fake
+def _(grad_y, x, residual, weight, mean, rstd):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, residual, weight, mean, rstd)
+    ctx.has_residual = residual is not None
+
+
+def _backward(ctx, grad_y, grad_mean, grad_rstd):  # mean and rstd are internal outputs: no gradient
+    x, residual, weight, mean, rstd = ctx.saved_tensors
+    grad_z, grad_weight, grad_bias = _add_layer_norm_backward_op(
+        grad_y.contiguous(), x, residual if ctx.has_residual else None, weight, mean, rstd)
+    return grad_z, grad_z if ctx.has_residual else None, grad_weight, grad_bias, None
+
+
+_add_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def add_layer_norm_triton(x, residual, weight, bias, eps):
-    """The Triton op with autograd; same contract as :func:`add_layer_norm_reference`."""
-    return AddLayerNormFunction.apply(x, residual, weight, bias, eps)
+    """The Triton op (mtbert::add_layer_norm) with autograd; same contract as
+    :func:`add_layer_norm_reference`."""
+    _check_inputs(x, residual, weight, bias, eps)
+    return _add_layer_norm_op(x, residual, weight, bias, eps)[0]
 
 
 def add_layer_norm_reference(x, residual, weight, bias, eps):
