@@ -336,7 +336,8 @@ class BertModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         lengths = _right_padded_lengths(attention_mask)
-        if lengths is None or self.unpad is True or input_ids.device.type != "cpu":
+        # Compiled, the graph cannot branch on the padding (see _right_padded_lengths).
+        if lengths is None or self.unpad is True or input_ids.device.type != "cpu" or torch.compiler.is_compiling():
             return lengths
         padding = 1.0 - int(lengths.sum()) / attention_mask.numel()
         return lengths if padding >= CPU_UNPAD_MIN_PADDING else None
@@ -388,8 +389,9 @@ def _attention_mask_bias(attention_mask, x):
 
     As in Hugging Face, padding gets the most negative finite value, not -inf, so a row whose mask
     is all zero softmaxes to a uniform distribution instead of NaN; finite in the dtype attention
-    runs in (autocast's, e.g. bfloat16, whose range float32's minimum would overflow)."""
-    if attention_mask is None or bool(attention_mask.all()):
+    runs in (autocast's, e.g. bfloat16, whose range float32's minimum would overflow). Compiled,
+    always the mask: the graph cannot branch on its values."""
+    if attention_mask is None or (not torch.compiler.is_compiling() and bool(attention_mask.all())):
         return None
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     keep = attention_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, L)
