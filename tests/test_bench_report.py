@@ -1,10 +1,9 @@
 """The benchmark report renderer reads pytest-benchmark JSON the way the suites write it."""
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import report  # noqa: E402
+from benchmark_modules import load_benchmark_module
+
+report = load_benchmark_module("report")
 
 
 def entry(name, group, median, **extra):
