@@ -1,5 +1,5 @@
 """One step of the paper's multitask training, the usual stack and the competent stack against
-mtbert, on the same weights (all-MiniLM-L6-v2), dropout off.
+mtbert, on the same weights (all-MiniLM-L6-v2) with the checkpoint's dropout (0.1).
 
 A step: a batch of 32 from each of SST, Quora and STS (pairs encoded as two sentences, SBERT
 heads), three forward/backward passes, PCGrad over the whole parameter vector, an AdamW update.
@@ -106,15 +106,18 @@ def draw_step_batches(regime, steps, tokenizer, seed=0):
                     "labels": per_task[task][step]["labels"].to(DEVICE)} for task in TASKS} for step in range(steps)]
 
 
-def build_model(stack, compiled=False):
-    """MultitaskBert with dropout off; its encoder is transformers' for the usual and competent stacks."""
+def build_model(stack, compiled=False, dropout=True):
+    """MultitaskBert; its encoder is transformers' for the usual and competent stacks. ``dropout``:
+    the checkpoint's (0.1, as in training; the timed rows, and the same compiled encoder graph as
+    bench_encoder.py's) or off (the numerics check)."""
+    off = {} if dropout else dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     if stack in ("usual", "competent"):
-        encoder = transformers.BertModel.from_pretrained(
-            BertModel.from_pretrained(MODEL).model_dir, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        encoder = transformers.BertModel.from_pretrained(BertModel.from_pretrained(MODEL).model_dir, **off)
     else:
-        encoder = BertModel.from_pretrained(MODEL, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        encoder = BertModel.from_pretrained(MODEL, **off)
     torch.manual_seed(0)  # the same fresh heads on every side
-    model = MultitaskBert(encoder, para_head="sbert", sts_head="sbert", sts_loss="mse", dropout=0.0).to(DEVICE).train()
+    model = MultitaskBert(encoder, para_head="sbert", sts_head="sbert", sts_loss="mse", dropout=None if dropout else 0.0)
+    model = model.to(DEVICE).train()
     if compiled:
         model.encoder.compile(dynamic=True)
     return model
@@ -137,8 +140,9 @@ def setup():
 def numerics(setup):
     """The competent stack and mtbert (fp32) train CHECKED_STEPS steps identically; the errors."""
     batches, orders = setup
-    return {stack: check_same_training(CompetentStep(build_model("competent"), orders),
-                                       step_cls(build_model(stack), orders), batches["bucketed"][:CHECKED_STEPS])
+    return {stack: check_same_training(CompetentStep(build_model("competent", dropout=False), orders),
+                                       step_cls(build_model(stack, dropout=False), orders),
+                                       batches["bucketed"][:CHECKED_STEPS])
             for stack, step_cls in MTBERT_STEPS.items()}
 
 
