@@ -106,12 +106,47 @@ def _task_loss(model, task, batch, autocast_dtype):
     return model.loss(task, scores.float(), batch["labels"])
 
 
-class UsualStep:
-    """The usual stack: clone + flatten per task, per-pair Python PCGrad, torch AdamW (defaults)."""
+def _views(vector, params):
+    """Views of ``vector`` shaped like ``params``, laid end to end."""
+    views, offset = [], 0
+    for p in params:
+        views.append(vector[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return views
+
+
+class _Step:
+    """What the stacks share: the model, PCGrad's projection orders, the autocast dtype of the
+    forward (None: fp32), an optimizer (set by the subclass), ``update`` and ``__call__``."""
 
     def __init__(self, model, orders, autocast_dtype=None):
         self.model, self.orders, self.autocast_dtype = model, orders, autocast_dtype
         self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def gradients(self, batches, timer):
+        raise NotImplementedError
+
+    def _backward(self, task, batches, timer):
+        """Forward and backward of ``task``'s batch; the gradient lands wherever ``.grad`` points."""
+        with timer("forward"):
+            loss = _task_loss(self.model, task, batches[task], self.autocast_dtype)
+        with timer("backward"):
+            loss.backward()
+
+    def update(self, timer):
+        with timer("optimizer"):
+            self.optimizer.step()
+
+    def __call__(self, batches, timer):
+        self.gradients(batches, timer)
+        self.update(timer)
+
+
+class UsualStep(_Step):
+    """The usual stack: clone + flatten per task, per-pair Python PCGrad, torch AdamW (defaults)."""
+
+    def __init__(self, model, orders, autocast_dtype=None):
+        super().__init__(model, orders, autocast_dtype)
         for p in self.params:
             p.grad = torch.zeros_like(p)
         self.optimizer = torch.optim.AdamW(self.params, lr=LR, eps=EPS, weight_decay=WEIGHT_DECAY)
@@ -120,80 +155,51 @@ class UsualStep:
         task_grads = []
         for task in TASKS:
             self.optimizer.zero_grad(set_to_none=False)
-            with timer("forward"):
-                loss = _task_loss(self.model, task, batches[task], self.autocast_dtype)
-            with timer("backward"):
-                loss.backward()
+            self._backward(task, batches, timer)
             with timer("combine"):
                 task_grads.append(torch.cat([p.grad.flatten() for p in self.params]))
         with timer("combine"):
             combined = combine_reference(torch.stack(task_grads), "pcgrad", orders=self.orders, dtype=torch.float32)
-            offset = 0
-            for p in self.params:
-                p.grad.copy_(combined[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
-
-    def update(self, timer):
-        with timer("optimizer"):
-            self.optimizer.step()
-
-    def __call__(self, batches, timer):
-        self.gradients(batches, timer)
-        self.update(timer)
+            for p, view in zip(self.params, _views(combined, self.params)):
+                p.grad.copy_(view)
 
 
-class CompetentStep:
+class CompetentStep(_Step):
     """The competent stack: each task's gradient copied into its row of R [K, P], PCGrad on the
     Gram matrix in plain torch, ``torch.optim.AdamW(fused=True)``. ``combination`` (default
     :func:`gram_pcgrad`) maps (R, orders) to the combined gradient [P]."""
 
     def __init__(self, model, orders, autocast_dtype=None, combination=gram_pcgrad):
-        self.model, self.orders, self.autocast_dtype = model, orders, autocast_dtype
+        super().__init__(model, orders, autocast_dtype)
         self.combination = combination
-        self.params = [p for p in model.parameters() if p.requires_grad]
         numel = sum(p.numel() for p in self.params)
         self.task_grads = torch.zeros(len(TASKS), numel, device=self.params[0].device)
+        self.row_views = [_views(row, self.params) for row in self.task_grads]
         self.optimizer = torch.optim.AdamW(self.params, lr=LR, eps=EPS, weight_decay=WEIGHT_DECAY, fused=True)
 
     def gradients(self, batches, timer):
-        for row, task in zip(self.task_grads, TASKS):
+        for views, task in zip(self.row_views, TASKS):
             self.optimizer.zero_grad(set_to_none=True)
-            with timer("forward"):
-                loss = _task_loss(self.model, task, batches[task], self.autocast_dtype)
-            with timer("backward"):
-                loss.backward()
+            self._backward(task, batches, timer)
             with timer("combine"):
-                offset = 0
-                for p in self.params:
-                    target = row[offset:offset + p.numel()]
+                for p, view in zip(self.params, views):
                     if p.grad is None:  # another task's head: no gradient from this task
-                        target.zero_()
+                        view.zero_()
                     else:
-                        target.copy_(p.grad.flatten())
-                    offset += p.numel()
+                        view.copy_(p.grad)
         with timer("combine"):
             combined = self.combination(self.task_grads, self.orders)
-            offset = 0
-            for p in self.params:
-                p.grad = combined[offset:offset + p.numel()].view_as(p)
-                offset += p.numel()
-
-    def update(self, timer):
-        with timer("optimizer"):
-            self.optimizer.step()
-
-    def __call__(self, batches, timer):
-        self.gradients(batches, timer)
-        self.update(timer)
+            for p, view in zip(self.params, _views(combined, self.params)):
+                p.grad = view
 
 
-class MtbertStep:
+class MtbertStep(_Step):
     """mtbert's K-pass step: backward into flat gradient rows, C++ PCGrad, FusedAdamW. With
     ``autocast_dtype`` the forward runs under autocast as the trainer's does (fp32 master
     weights, optimizer and Gram)."""
 
     def __init__(self, model, orders, autocast_dtype=None):
-        self.model, self.orders, self.autocast_dtype = model, orders, autocast_dtype
+        super().__init__(model, orders, autocast_dtype)
         self.flat = FlatParameters(shared=model.encoder.parameters(),
                                    tasks={task: model.heads[task].parameters() for task in TASKS})
         self.optimizer = FusedAdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=WEIGHT_DECAY, formula="torch")
@@ -202,20 +208,9 @@ class MtbertStep:
         self.optimizer.zero_grad()
         for task in TASKS:
             with self.flat.task(task):
-                with timer("forward"):
-                    loss = _task_loss(self.model, task, batches[task], self.autocast_dtype)
-                with timer("backward"):
-                    loss.backward()
+                self._backward(task, batches, timer)
         with timer("combine"):
             self.flat.combine("pcgrad", scope="all", orders=self.orders)
-
-    def update(self, timer):
-        with timer("optimizer"):
-            self.optimizer.step()
-
-    def __call__(self, batches, timer):
-        self.gradients(batches, timer)
-        self.update(timer)
 
 
 def relative_error(value, reference):
