@@ -184,7 +184,7 @@ def group_notes(benchmarks, group):
         if formula and f"- {formula}" not in notes:
             notes.append(f"- {formula}")
         numerics = extra.get("numerics")
-        if numerics:
+        if numerics and not any(note.startswith(f"- Numerics, {extra.get('impl')} ") for note in notes):
             notes.append(f"- Numerics, {extra.get('impl')} against the competent stack before timing (fp32, dropout "
                          f"off, same batches): combined gradients differ by "
                          f"{', '.join(f'{e:.1e}' for e in numerics['gradients'])} (relative, in norm, per step); "
