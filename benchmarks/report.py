@@ -192,8 +192,9 @@ def group_notes(benchmarks, group):
     return notes
 
 
-def markdown(data, table, probe_gbs, chart_name, rates=None, notes=None):
-    out = ["# mtbert benchmark report", "", *machine_lines(data, rates or {}), ""]
+def markdown(data, table, probe_gbs, chart_name, rates=None, notes=None, caveat=None):
+    out = ["# mtbert benchmark report", ""] + ([f"**{caveat}**", ""] if caveat else []) + [
+        *machine_lines(data, rates or {}), ""]
     if probe_gbs:
         out += [f"Memory bandwidth probe (triad, same run): **{probe_gbs:.1f} GB/s**.", ""]
     out += ["Times are medians over the rounds pytest-benchmark ran; the ratio is the baseline's median "
@@ -266,8 +267,9 @@ def bar_chart(table, path):
     return True
 
 
-def render(json_paths, out_path):
-    """Merges one or more pytest-benchmark JSON files into one report."""
+def render(json_paths, out_path, caveat=None):
+    """Merges one or more pytest-benchmark JSON files into one report; ``caveat``: a line printed
+    in bold under the title (e.g. that the machine was shared)."""
     datas = [load(p) for p in json_paths]
     benchmarks = [b for d in datas for b in d["benchmarks"]]
     probe_gbs = bandwidth_gbs(benchmarks)
@@ -277,7 +279,7 @@ def render(json_paths, out_path):
     out_path = Path(out_path)
     chart = out_path.with_name(out_path.stem.lower() + "_speedups.png")
     chart_name = chart.name if bar_chart(table, chart) else None
-    out_path.write_text(markdown(datas[0], table, probe_gbs, chart_name, rates, notes), encoding="utf-8")
+    out_path.write_text(markdown(datas[0], table, probe_gbs, chart_name, rates, notes, caveat), encoding="utf-8")
     return out_path
 
 
@@ -285,8 +287,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json file(s)")
     parser.add_argument("--out", default=str(Path(__file__).with_name("REPORT.md")))
+    parser.add_argument("--caveat", help="a line printed in bold under the title, e.g. 'shared machine, provisional'")
     args = parser.parse_args(argv)
-    print(f"wrote {render(args.json, args.out)}")
+    print(f"wrote {render(args.json, args.out, args.caveat)}")
 
 
 if __name__ == "__main__":

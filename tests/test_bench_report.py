@@ -66,7 +66,8 @@ def test_report_competent_ratios_regimes_and_matmul_rate(tmp_path):
     }
     path = tmp_path / "results.json"
     path.write_text(json.dumps(data))
-    text = report.render([path], tmp_path / "REPORT.md").read_text()
+    text = report.render([path], tmp_path / "REPORT.md", caveat="shared machine, provisional").read_text()
+    assert "**shared machine, provisional**" in text
     assert "Test EPYC, 2 cores; ISA: AVX2, AVX-512, AVX-512-BF16" in text
     assert "fp32 **100 GFLOP/s** (2048 square), bf16 **400 GFLOP/s** (2048 square)" in text
     # Usual baseline by throughput: 500 vs 1600 tokens/s; competent: the compiled row (1000 tokens/s).
