@@ -116,8 +116,8 @@ def build_model(stack, compiled=False, dropout=True):
     else:
         encoder = BertModel.from_pretrained(MODEL, **off)
     torch.manual_seed(0)  # the same fresh heads on every side
-    model = MultitaskBert(encoder, para_head="sbert", sts_head="sbert", sts_loss="mse", dropout=None if dropout else 0.0)
-    model = model.to(DEVICE).train()
+    model = MultitaskBert(encoder, para_head="sbert", sts_head="sbert", sts_loss="mse",
+                          dropout=None if dropout else 0.0).to(DEVICE).train()
     if compiled:
         model.encoder.compile(dynamic=True)
     return model

@@ -44,7 +44,7 @@ def machine_lines(data, rates):
     lines = [
         f"- CPU: {extra.get('cpu_model') or cpu.get('brand_raw', info.get('processor', 'unknown'))}, "
         f"{extra.get('cores', cpu.get('count', '?'))} cores"
-        + ("" if extra.get("torch_threads") is None else f" ({extra['torch_threads']} torch threads)")
+        + ("" if extra.get("torch_threads") is None else f", torch threads: {extra['torch_threads']}")
         + ("" if isa is None else f"; ISA: {', '.join(isa) or 'none of AVX2, AVX-512, AVX-512-BF16, AMX'}"),
         f"- GPU: {extra.get('gpu') or 'none'}",
         f"- Python {info.get('python_version', '?')}, torch {extra.get('torch', '?')}, "

@@ -233,8 +233,9 @@ def _aligned_vectors(reference_model, candidate_model, what):
     """Both models' parameters (or gradients) concatenated in the reference's order, by name."""
     ref, cand = _by_name(reference_model, what), _by_name(candidate_model, what)
     if ref.keys() != cand.keys():
-        raise ValueError(f"the two models' trainable parameters differ by name: only in the reference "
-                         f"{sorted(ref.keys() - cand.keys())[:5]}, only in the candidate {sorted(cand.keys() - ref.keys())[:5]}")
+        only_ref, only_cand = sorted(ref.keys() - cand.keys())[:5], sorted(cand.keys() - ref.keys())[:5]
+        raise ValueError(f"the two models' trainable parameters differ by name: only in the reference {only_ref}, "
+                         f"only in the candidate {only_cand}")
     return (torch.cat([ref[name].flatten().cpu() for name in ref]),
             torch.cat([cand[name].flatten().cpu() for name in ref]))
 
