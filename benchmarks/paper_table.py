@@ -97,7 +97,7 @@ def _relative(argument):
 
 
 def render(results, header) -> str:
-    from mtbert.train import PAPER_DEV
+    from mtbert.multitask.paper import PAPER_DEV
 
     lines = [header, "",
              "| row | configuration | steps | SST acc | Quora acc | STS Pearson | overall | wall time |",

@@ -79,32 +79,16 @@ void check_adamw_args(const at::Tensor& param, const at::Tensor& exp_avg, const 
               weight_decay);
 }
 
-std::vector<AdamWScalars> segment_scalars(const at::Tensor& segments, AdamWFormula formula, double lr, double beta1,
-                                          double beta2, double eps, double weight_decay, bool correct_bias) {
-  const int64_t* seg = segments.data_ptr<int64_t>();
-  std::vector<AdamWScalars> scalars;
-  scalars.reserve(segments.size(0));
-  for (int64_t s = 0; s < segments.size(0); ++s) {
-    scalars.push_back(adamw_scalars(formula, lr, beta1, beta2, eps, weight_decay, correct_bias, seg[3 * s + 2]));
-  }
-  return scalars;
-}
-
 void adamw_step_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const at::Tensor& grad,
                     const at::Tensor& segments, double lr, double beta1, double beta2, double eps, double weight_decay,
                     bool correct_bias, c10::string_view formula_name) {
   const AdamWFormula formula = parse_formula(std::string(formula_name));
   check_adamw_args(param, exp_avg, exp_avg_sq, grad, segments, lr, beta1, beta2, eps, weight_decay);
   TORCH_CHECK(param.device().is_cpu(), "param must be a CPU tensor here, got ", param.device());
-  const std::vector<AdamWScalars> scalars =
-      segment_scalars(segments, formula, lr, beta1, beta2, eps, weight_decay, correct_bias);
   const int64_t* seg = segments.data_ptr<int64_t>();
-  std::vector<Piece> pieces;
-  for (int64_t s = 0; s < segments.size(0); ++s) {
-    for (int64_t b = seg[3 * s]; b < seg[3 * s + 1]; b += kAdamWPiece) {
-      pieces.push_back({b, std::min(b + kAdamWPiece, seg[3 * s + 1]), s});
-    }
-  }
+  const std::vector<AdamWScalars> scalars =
+      segment_scalars(seg, segments.size(0), formula, lr, beta1, beta2, eps, weight_decay, correct_bias);
+  const std::vector<Piece> pieces = cut_segment_rows(seg, segments.size(0), kAdamWPiece);
   float* p = param.data_ptr<float>();
   float* m = exp_avg.data_ptr<float>();
   float* v = exp_avg_sq.data_ptr<float>();

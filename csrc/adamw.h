@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace mtbert {
 
@@ -42,6 +43,18 @@ inline AdamWScalars adamw_scalars(AdamWFormula formula, double lr, double beta1,
     s.decay = static_cast<float>(lr * weight_decay);
   }
   return s;
+}
+
+// The scalars of each row (begin, end, step) of an adamw_step `segments` table [count, 3].
+inline std::vector<AdamWScalars> segment_scalars(const int64_t* rows, int64_t count, AdamWFormula formula, double lr,
+                                                 double beta1, double beta2, double eps, double weight_decay,
+                                                 bool correct_bias) {
+  std::vector<AdamWScalars> scalars;
+  scalars.reserve(count);
+  for (int64_t s = 0; s < count; ++s) {
+    scalars.push_back(adamw_scalars(formula, lr, beta1, beta2, eps, weight_decay, correct_bias, rows[3 * s + 2]));
+  }
+  return scalars;
 }
 
 #if defined(__CUDACC__)

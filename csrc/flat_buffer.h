@@ -7,6 +7,8 @@
 
 #include <vector>
 
+#include "pieces.h"
+
 // Inner loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (GCC
 // function multiversioning), so one binary uses the widest vectors of the machine it runs on.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -38,21 +40,10 @@ inline void check_boundaries(c10::IntArrayRef boundaries, int64_t columns, const
   }
 }
 
-// A contiguous piece of one segment: the unit of parallel work. Cutting every segment into pieces of
-// at most `piece` columns keeps threads busy on one huge segment (word embeddings) and many tiny ones
-// (biases) alike, and a fixed cut keeps float reductions deterministic whatever the thread count.
-struct Piece {
-  int64_t begin, end, segment;
-};
-
+// Segment c of a buffer cut by `boundaries` is columns [boundaries[c], boundaries[c + 1]).
 inline std::vector<Piece> cut_into_pieces(c10::IntArrayRef boundaries, int64_t piece) {
-  std::vector<Piece> pieces;
-  for (size_t c = 0; c + 1 < boundaries.size(); ++c) {
-    for (int64_t b = boundaries[c]; b < boundaries[c + 1]; b += piece) {
-      pieces.push_back({b, std::min(b + piece, boundaries[c + 1]), static_cast<int64_t>(c)});
-    }
-  }
-  return pieces;
+  return cut_into_pieces(static_cast<int64_t>(boundaries.size()) - 1, piece,
+                         [boundaries](int64_t c) { return std::make_pair(boundaries[c], boundaries[c + 1]); });
 }
 
 // Runs body(first, last) over pieces [0, count): on the calling thread when the whole job is small

@@ -9,6 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .errors import UserError, run_command
 from .multitask.data import (DEFAULT_FILES, OFFICIAL_BASE_URL, TASK_SPECS, TASKS, Example, LengthBucketSampler,
                              TaskFile, collate, download, example_lengths, load_task_file, write_synthetic_data)
 
@@ -17,20 +18,27 @@ __all__ = ["DEFAULT_FILES", "TASKS", "TASK_SPECS", "Example", "LengthBucketSampl
 
 
 def _check(directory):
+    """One line per CS224N file: its rows and skipped rows, "missing", or what makes it unusable.
+    Status 0 when every file present loads, 2 when one does not, 1 when none is present."""
     directory = Path(directory)
-    found = 0
+    found, status = 0, 0
     for (task, split), name in DEFAULT_FILES.items():
         path = directory / name
         if not path.is_file():
             print(f"{name:28s} missing")
             continue
-        loaded = load_task_file(task, path, labeled=split != "test")
         found += 1
+        try:
+            loaded = load_task_file(task, path, labeled=split != "test")
+        except UserError as err:
+            print(f"{name:28s} unusable: {err}")
+            status = 2
+            continue
         print(f"{name:28s} {len(loaded):7d} rows  {loaded.skipped:3d} skipped")
-    return 0 if found else 1
+    return status if found else 1
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(prog="python -m mtbert.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -43,8 +51,18 @@ def main(argv=None):
     synthetic.add_argument("--rows", type=int, default=400, help="training rows per task (default: %(default)s)")
     check = commands.add_parser("check", help="load every CS224N file in a directory and count rows")
     check.add_argument("directory", type=Path)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not only its message")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return run_command(parser.prog, lambda: _run(args), debug=args.debug)
+
+
+def _run(args):
     if args.command == "download":
         rows = download(args.to, base_url=args.base_url, overwrite=args.overwrite)
         print(f"{len(rows)} files in {args.to}: " + ", ".join(f"{k} ({v} rows)" for k, v in rows.items()))

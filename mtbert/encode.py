@@ -22,7 +22,21 @@ def cls_pool(hidden_states, attention_mask=None):
     return hidden_states[:, 0]
 
 
-POOLINGS = {"mean": mean_pool, "cls": cls_pool}
+# The one meaning of each pooling name, shared by ``encode`` and ``MultitaskBert``: "cls" is the raw
+# [CLS] vector (sentence-transformers' CLS pooling), "pooler" is tanh(W·[CLS]) (BERT's pooler, the
+# CS224N starter's ``pooler_output``).
+POOLINGS = ("mean", "cls", "pooler")
+
+
+def pool(output, attention_mask, pooling):
+    """Sentence vectors [B, H] of a :class:`BertModelOutput`, by ``pooling`` (one of POOLINGS)."""
+    if pooling == "mean":
+        return mean_pool(output.last_hidden_state, attention_mask)
+    if pooling == "cls":
+        return cls_pool(output.last_hidden_state)
+    if pooling == "pooler":
+        return output.pooler_output
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
 
 
 @functools.lru_cache(maxsize=4)
@@ -40,7 +54,7 @@ def encode(sentences, model=DEFAULT_MODEL, tokenizer=None, pooling="mean", batch
     length so that batches carry little padding; the output keeps the input order.
     """
     if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {sorted(POOLINGS)}, got {pooling!r}")
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if isinstance(sentences, str):
         sentences = [sentences]
     if isinstance(model, BertModel):
@@ -61,8 +75,7 @@ def encode(sentences, model=DEFAULT_MODEL, tokenizer=None, pooling="mean", batch
         index = order[start:start + batch_size]
         batch = tokenizer([sentences[i] for i in index], max_length=max_length)
         batch = {k: v.to(device) for k, v in batch.items()}
-        hidden = model(**batch).last_hidden_state
-        pooled = POOLINGS[pooling](hidden, batch["attention_mask"]).float()
+        pooled = pool(model(**batch), batch["attention_mask"], pooling).float()
         if normalize:
             pooled = F.normalize(pooled, dim=-1)
         out[index] = pooled.cpu()

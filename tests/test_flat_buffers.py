@@ -185,3 +185,31 @@ def test_gradients_present_when_packing_are_kept():
     expected = p.grad.clone()
     flat = FlatParameters([p])
     assert torch.equal(p.grad, expected) and p.grad.data_ptr() == flat.grad.data_ptr()
+
+
+def test_own_rows_sends_each_head_to_its_row_and_refuses_mixed_shared_gradients():
+    """Inside own_rows() one backward of several tasks' losses fills each head's own row; the
+    shared parameters must get theirs from ops writing into shared_row_views(), so a plain autograd
+    gradient on them (all tasks mixed) is an error."""
+    model, flat = packed()
+    x = torch.randn(4, 7)
+    views = flat.shared_row_views()
+    shared = list(model.encoder.parameters())
+    assert set(views) == {id(p) for p in shared}
+    for p in shared:
+        for k, view in enumerate(views[id(p)]):
+            assert view.shape == p.shape and view.data_ptr() == flat.grads[k].data_ptr() + 4 * flat.span(p)[0]
+    features = model.encoder(x).detach()
+    with flat.own_rows():
+        assert all(p.grad is None for p in shared) and flat.selected_task == "own"
+        sum(model.heads[t](features).sin().sum() * (i + 1) for i, t in enumerate(TASKS)).backward()
+    assert flat.selected_task is None
+    for k, task in enumerate(TASKS):
+        for other in TASKS:
+            begin, end = flat.span(next(model.heads[other].parameters()))
+            assert bool(flat.grads[k, begin:end].any()) == (task == other)
+    assert not flat.grads[:, :flat.boundaries[1]].any()
+    with pytest.raises(RuntimeError, match="received a gradient of all tasks at once"):
+        with flat.own_rows():
+            model.loss("sst", x).backward()
+    assert flat.selected_task is None

@@ -160,10 +160,14 @@ def test_multitask_model_pair_scores(head):
 
 
 def test_multitask_model_sst_cls_pooling_and_predictions():
+    """"cls" is the raw [CLS] vector, "pooler" BERT's tanh(W·[CLS]), as in mtbert.encode."""
     model = MultitaskBert(_tiny_encoder(), pooling="cls", dropout=0.0).eval()
     inputs = _inputs(B, 6)
     logits = model("sst", inputs)
-    torch.testing.assert_close(logits, model.heads["sst"](model.encoder(**inputs).pooler_output))
+    output = model.encoder(**inputs)
+    torch.testing.assert_close(logits, model.heads["sst"](output.last_hidden_state[:, 0]))
+    model.pooling = "pooler"
+    torch.testing.assert_close(model("sst", inputs), model.heads["sst"](output.pooler_output))
     assert model.predict("sst", logits).tolist() == logits.argmax(-1).tolist()
     assert model.predict("para", torch.tensor([-0.1, 0.0, 2.0])).tolist() == [0.0, 0.0, 1.0]
     groups = model.task_parameters()

@@ -5,7 +5,7 @@ import torch
 
 from kernel_testing import DEVICE, DTYPE_TOLERANCES, leaf, nan_poisoned_allocations
 from mtbert import kernels
-from mtbert.kernels.attention import (attention_forward, attention_reference, padded_attention_torch,
+from mtbert.kernels.attention import (attention_forward, attention_reference, padded_attention_torch, padding_groups,
                                       padded_attention_triton, varlen_attention_torch, varlen_attention_triton)
 
 # (lengths, heads): batch 1–3, heads 1–4, lengths 1…70 mixed, none a multiple of the block size.
@@ -165,6 +165,22 @@ def test_cpu_path_matches_float64_reference(head_dim):
     out_ref = attention_reference(*reference, cu_seqlens=cu_seqlens)
     out_ref.backward(grad_out.double())
     torch.testing.assert_close(out.double(), out_ref, atol=2e-5, rtol=2e-5)
+    assert_grads_close(inputs, reference, 2e-5, 2e-5)
+
+
+def test_cpu_path_pads_runs_of_different_lengths_separately():
+    """A packed batch whose sequences come in runs of very different lengths is padded run by run
+    (less padded work than padding everything to the longest) with the same result."""
+    lengths = [3, 4, 3, 5, 2, 130, 3, 4, 3, 5, 2]
+    assert padding_groups(tuple(lengths)) == ((0, 5), (5, 6), (6, 11))
+    assert padding_groups((10,) * 300) == ((0, 256), (256, 300))  # runs are at most 256 sequences
+    cu_seqlens = cu_seqlens_of(lengths)
+    inputs = [leaf(t) for t in packed_inputs(lengths, 2, 8, torch.float32)]
+    grad_out = torch.randn(sum(lengths), 2, 8, device=DEVICE)
+    varlen_attention_torch(*inputs, cu_seqlens, 130).backward(grad_out)
+    reference = [leaf(t, torch.float64) for t in inputs]
+    out_ref = attention_reference(*reference, cu_seqlens=cu_seqlens)
+    out_ref.backward(grad_out.double())
     assert_grads_close(inputs, reference, 2e-5, 2e-5)
 
 

@@ -1,15 +1,12 @@
 """benchmarks/paper_table.py: every row's argument list is a valid `mtbert.train` command (the
 train CLI's own parser and TrainConfig validation), with the configuration the row names, and
 the table renders every finished row."""
-import sys
-from pathlib import Path
-
 import pytest
+from benchmark_scripts import load_benchmark_script
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import paper_table  # noqa: E402
+from mtbert.train import build_parser, config_for_new_run, settings_from_args
 
-from mtbert.train import build_parser, config_from_args  # noqa: E402
+paper_table = load_benchmark_script("paper_table")
 
 
 @pytest.mark.parametrize("name", paper_table.ROW_NAMES)
@@ -17,7 +14,7 @@ def test_row_parses_into_train_config(name, tmp_path):
     _, _, flags = next(row for row in paper_table.ROWS if row[0] == name)
     argv = paper_table.train_argv(flags, tmp_path / "data", tmp_path / "out", steps=7, batch_size=3, seed=5,
                                   max_dev_examples=11)
-    config = config_from_args(build_parser().parse_args(argv))
+    config = config_for_new_run(settings_from_args(build_parser().parse_args(argv)))
     assert config.max_train_examples == 21 and config.batch_size == 3 and config.seed == 5
     assert config.max_dev_examples == 11 and config.epochs == 1 and config.out == str(tmp_path / "out")
     options = dict(zip(flags[::2], flags[1::2]))  # every row flag takes one value

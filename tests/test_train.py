@@ -2,41 +2,18 @@
 option trains with finite losses, the loss goes down, resume equals an uninterrupted run, the
 prediction files and the plot are written."""
 import json
-import shutil
 import warnings
 
 import pytest
 import torch
 
-from mtbert import BertConfig, BertModel
-from mtbert.data import DEFAULT_FILES, load_task_file, write_synthetic_data
+from mtbert.data import DEFAULT_FILES, load_task_file
 from mtbert.multitask import checkpoint as checkpoints
 from mtbert.multitask.evaluate import PREDICTION_COLUMNS
 from mtbert.multitask.plot import main as plot_main
 from mtbert.multitask.trainer import Trainer, TrainConfig, epoch_plan, task_probabilities
-from mtbert.pretrained import resolve_model_dir
-from mtbert.train import build_parser, config_from_args
+from mtbert.train import build_parser, config_for_new_run, settings_from_args
 from mtbert.train import main as train_main
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A 2-layer, hidden-32 random BERT with the MiniLM vocabulary, saved as a local checkpoint."""
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    minilm = resolve_model_dir("all-MiniLM-L6-v2")
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
-        if (minilm / name).is_file():
-            shutil.copy(minilm / name, directory / name)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def toy_data(tmp_path_factory):
-    return write_synthetic_data(tmp_path_factory.mktemp("toy-data"), n_train=96, n_dev=24, n_test=16, seed=1)
 
 
 def _config(tiny_model_dir, toy_data, out, **overrides):
@@ -44,6 +21,10 @@ def _config(tiny_model_dir, toy_data, out, **overrides):
                     lr=1e-3, hidden_dropout_prob=0.1, max_length=32, progress=False, log_every=1)
     settings.update(overrides)
     return TrainConfig(**settings)
+
+
+def parse_config(argv):
+    return config_for_new_run(settings_from_args(build_parser().parse_args(argv)))
 
 
 def _records(out, kind):
@@ -59,34 +40,37 @@ def test_help_lists_the_flags(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--option", "--fine-tune-mode", "--sst_train", "--para_dev", "--sts_test", "--grad-method",
-                 "--para-head", "--sts-loss", "--task-sampling", "--resume", "--bf16", "--use_gpu", "--out"):
+                 "--para-head", "--sts-loss", "--task-sampling", "--passes", "--resume", "--bf16", "--use_gpu", "--out"):
         assert flag in text
 
 
 def test_flags_parse_into_the_config():
-    args = build_parser().parse_args([
+    config = parse_config([
         "--data", "d", "--sst_train", "x.csv", "--para_test_out", "p.csv", "--fine-tune-mode", "last-linear-layer",
         "--para-head", "cross", "--sts-head", "cosine", "--sts-loss", "cosent", "--grad-method", "main-aux",
         "--main-task", "sts", "--aux-weight", "0.5", "--task-sampling", "annealed", "--schedule", "linear",
         "--warmup", "0.1", "--weight-decay", "0.01", "--max-length", "64", "--no-bucket", "--tasks", "sst,sts",
-        "--batch_size", "8", "--seed", "3", "--pooling", "cls", "--loss-weights", "sts=0.05, sst=2"])
-    config = config_from_args(args)
+        "--batch_size", "8", "--seed", "3", "--pooling", "cls", "--loss-weights", "sts=0.05, sst=2",
+        "--passes", "per-task"])
     assert (config.option, config.lr) == ("pretrain", 1e-3)  # the alias, and the starter's lr advice
     assert (config.para_head, config.sts_head, config.sts_loss) == ("cross", "cosine", "cosent")
     assert (config.grad_method, config.main_task, config.aux_weight) == ("main-aux", "sts", 0.5)
     assert (config.task_sampling, config.schedule, config.warmup, config.weight_decay) == ("annealed", "linear", 0.1, 0.01)
     assert (config.max_length, config.bucket, config.tasks, config.batch_size, config.seed) == (64, False, ("sst", "sts"), 8, 3)
-    assert config.loss_weights == {"sts": 0.05, "sst": 2.0}
+    assert config.loss_weights == {"sts": 0.05, "sst": 2.0} and config.passes == "per-task"
     assert str(config.file("sst", "train")) == "x.csv" and str(config.file("sts", "dev")) == "d/sts-dev.csv"
     assert str(config.prediction_file("para", "test")) == "p.csv"
-    defaults = config_from_args(build_parser().parse_args([]))
-    assert (defaults.option, defaults.lr, defaults.seed, defaults.grad_method) == ("finetune", 1e-5, 11711, "sum")
+    defaults = parse_config([])
+    assert (defaults.option, defaults.lr, defaults.seed, defaults.grad_method, defaults.passes) == (
+        "finetune", 1e-5, 11711, "sum", "packed")
     with pytest.raises(ValueError, match="main_task"):
         TrainConfig(tasks=("sst", "para"), grad_method="main-aux", main_task="sts")
     for bad in (["--sts-loss", "hinge"], ["--loss-weights", "sentiment=2"], ["--loss-weights", "sts"],
-                ["--loss-weights", "sts=small"]):
+                ["--loss-weights", "sts=small"], ["--passes", "one"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(bad)
+    with pytest.raises(ValueError, match="passes must be one of"):
+        TrainConfig(passes="one")
     with pytest.raises(ValueError, match="loss_weights names 'para'"):
         TrainConfig(tasks=("sst", "sts"), loss_weights={"para": 1.0})
     with pytest.raises(ValueError, match=r"loss_weights\['sts'\] must be a positive"):
@@ -257,8 +241,9 @@ def test_cli_runs_on_synthetic_data_when_data_is_missing(tiny_model_dir, tmp_pat
     assert "SYNTHETIC sanity data" in printed and "| SST acc |" in printed
     assert (tmp_path / "run" / "synthetic-data" / "quora-train.csv").is_file()
     assert (tmp_path / "run" / "predictions" / "sts-test-output.csv").is_file()
-    with pytest.raises(FileNotFoundError, match="ids-sst-train.csv"):
-        train_main(["--data", str(tmp_path / "no-data"), "--model", str(tiny_model_dir), "--out", str(tmp_path / "x")])
+    assert train_main(["--data", str(tmp_path / "no-data"), "--model", str(tiny_model_dir),
+                       "--out", str(tmp_path / "x")]) == 2
+    assert "ids-sst-train.csv does not exist" in capsys.readouterr().err
 
 
 def test_task_rows_sum_to_the_plain_autograd_gradient(tiny_model_dir, toy_data, tmp_path):
@@ -309,3 +294,42 @@ def test_loss_weight_scales_only_its_tasks_gradient_row(tiny_model_dir, toy_data
     assert rows[1.0]["sts"].abs().max() > 0
     for task in ("sst", "para"):
         torch.testing.assert_close(rows[0.25][task], rows[1.0][task], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("kernels, pair_head, batch_size, bf16", [
+    ("torch", "sbert", 8, False), ("torch", "cross", 8, False), ("torch", "sbert", 8, True),
+    ("triton", "sbert", 1, False)])  # the interpreter is slow
+def test_packed_pass_fills_the_rows_of_the_per_task_passes(tiny_model_dir, toy_data, tmp_path, monkeypatch, kernels,
+                                                           pair_head, batch_size, bf16):
+    """--passes packed runs one encoder forward and one backward per step (per-task: one per task
+    slot) and, with dropout off, fills every gradient row as the per-task passes (PyTorch kernels,
+    the reference) do, a task drawn twice (its two batches share its row) and a loss weight
+    included; also under bf16 autocast (both modes)."""
+    tasks = ("sst", "para", "sts", "para")
+    rows, passes = {}, {}
+    for mode, mode_kernels in (("packed", kernels), ("per-task", "torch")):
+        monkeypatch.setenv("MTBERT_KERNELS", mode_kernels)
+        trainer = Trainer(_config(tiny_model_dir, toy_data, tmp_path / mode, passes=mode, para_head=pair_head,
+                                  sts_head=pair_head, loss_weights={"sts": 0.5}, batch_size=batch_size))
+        trainer.model.eval()  # no dropout: both modes compute the same function
+        if bf16:
+            trainer._autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+        trainer.gradients.step = trainer.scheduler.step = lambda: None  # only the rows are compared
+        counts = passes[mode] = {"forward": 0, "backward": 0}
+
+        def count_passes(module, args, output):
+            counts["forward"] += 1
+            output.register_hook(lambda grad: counts.__setitem__("backward", counts["backward"] + 1))
+
+        trainer.model.encoder.embeddings.register_forward_hook(count_passes)
+        losses, examples = trainer.train_step(tasks)
+        assert set(losses) == {"sst", "para", "sts"} and examples == 4 * batch_size
+        rows[mode] = trainer.gradients.flat.grads.clone()
+    assert passes == {"packed": {"forward": 1, "backward": 1}, "per-task": {"forward": 4, "backward": 4}}
+    assert all(bool(row.any()) for row in rows["packed"])
+    if bf16:  # a task drawn twice has its bf16 weight gradient rounded once, not twice (7e-4 seen)
+        error = (rows["packed"] - rows["per-task"]).norm(dim=1) / rows["per-task"].norm(dim=1)
+        assert (error < 1e-2).all(), error  # a wrongly routed gradient is off by O(1)
+        return
+    scale = rows["per-task"].abs().max()
+    torch.testing.assert_close(rows["packed"], rows["per-task"], rtol=1e-5, atol=1e-5 * scale)

@@ -21,13 +21,13 @@ __device__ __forceinline__ void update(float& p, float& m, float& v, float g, co
 
 template <AdamWFormula kFormula>
 __global__ void adamw_kernel(float* __restrict__ param, float* __restrict__ exp_avg, float* __restrict__ exp_avg_sq,
-                             const float* __restrict__ grad, const AdamWPiece* __restrict__ pieces, int64_t num_pieces,
+                             const float* __restrict__ grad, const Piece* __restrict__ pieces, int64_t num_pieces,
                              const AdamWScalars* __restrict__ scalars) {
   // All four buffers share the alignment of `param` only if each is 16-byte aligned.
   const bool vector_ok = ((reinterpret_cast<uintptr_t>(param) | reinterpret_cast<uintptr_t>(exp_avg) |
                            reinterpret_cast<uintptr_t>(exp_avg_sq) | reinterpret_cast<uintptr_t>(grad)) % 16) == 0;
   for (int64_t q = blockIdx.x; q < num_pieces; q += gridDim.x) {
-    const AdamWPiece piece = pieces[q];
+    const Piece piece = pieces[q];
     const AdamWScalars s = scalars[piece.segment];
     const int64_t vec_begin = vector_ok ? min(piece.end, (piece.begin + 3) / 4 * 4) : piece.end;
     const int64_t vec_end = vector_ok ? max(vec_begin, piece.end / 4 * 4) : piece.end;
@@ -53,7 +53,7 @@ __global__ void adamw_kernel(float* __restrict__ param, float* __restrict__ exp_
 
 }  // namespace
 
-cudaError_t launch_adamw(float* param, float* exp_avg, float* exp_avg_sq, const float* grad, const AdamWPiece* pieces,
+cudaError_t launch_adamw(float* param, float* exp_avg, float* exp_avg_sq, const float* grad, const Piece* pieces,
                          int64_t num_pieces, const AdamWScalars* scalars, AdamWFormula formula, cudaStream_t stream) {
   if (num_pieces == 0) return cudaSuccess;
   const int blocks = static_cast<int>(min(num_pieces, static_cast<int64_t>(65535)));

@@ -68,18 +68,13 @@ void adamw_step_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg
   check_adamw_args(param, exp_avg, exp_avg_sq, grad, segments, lr, beta1, beta2, eps, weight_decay);
   TORCH_CHECK(param.device().is_cuda(), "param must be a CUDA tensor here, got ", param.device());
   const c10::cuda::CUDAGuard guard(param.device());
-  const int64_t S = segments.size(0);
   const int64_t* seg = segments.data_ptr<int64_t>();
-  std::vector<AdamWScalars> scalars;
-  std::vector<cuda::AdamWPiece> pieces;
-  for (int64_t s = 0; s < S; ++s) {
-    scalars.push_back(adamw_scalars(formula, lr, beta1, beta2, eps, weight_decay, correct_bias, seg[3 * s + 2]));
-    for (int64_t b = seg[3 * s]; b < seg[3 * s + 1]; b += kAdamWPieceColumns)
-      pieces.push_back({b, std::min(b + kAdamWPieceColumns, seg[3 * s + 1]), s});
-  }
+  const std::vector<AdamWScalars> scalars =
+      segment_scalars(seg, segments.size(0), formula, lr, beta1, beta2, eps, weight_decay, correct_bias);
+  const std::vector<Piece> pieces = cut_segment_rows(seg, segments.size(0), kAdamWPieceColumns);
   if (pieces.empty()) return;
   // The tables go to the device in one copy, ordered on the current stream before the kernel.
-  const int64_t piece_bytes = static_cast<int64_t>(pieces.size() * sizeof(cuda::AdamWPiece));
+  const int64_t piece_bytes = static_cast<int64_t>(pieces.size() * sizeof(Piece));
   const int64_t scalar_bytes = static_cast<int64_t>(scalars.size() * sizeof(AdamWScalars));
   const int64_t scalar_offset = (piece_bytes + 15) / 16 * 16;
   at::Tensor host = at::empty({scalar_offset + scalar_bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
@@ -88,7 +83,7 @@ void adamw_step_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg
   at::Tensor device_tables = host.to(param.device(), /*non_blocking=*/true);
   const uint8_t* tables = device_tables.data_ptr<uint8_t>();
   check_launch(cuda::launch_adamw(param.data_ptr<float>(), exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(),
-                                  grad.data_ptr<float>(), reinterpret_cast<const cuda::AdamWPiece*>(tables),
+                                  grad.data_ptr<float>(), reinterpret_cast<const Piece*>(tables),
                                   static_cast<int64_t>(pieces.size()),
                                   reinterpret_cast<const AdamWScalars*>(tables + scalar_offset), formula,
                                   c10::cuda::getCurrentCUDAStream()),

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "../adamw.h"
+#include "../pieces.h"
 
 namespace mtbert {
 namespace cuda {
@@ -34,12 +35,8 @@ cudaError_t launch_gradient_gram(const float* grads, int64_t K, int64_t P, const
 cudaError_t launch_gradient_combine(const float* grads, int64_t K, int64_t P, const SegmentTable& table,
                                     const double* weights, float* out, cudaStream_t stream);
 
-struct AdamWPiece {
-  int64_t begin, end, segment;
-};
-
 // pieces: [num_pieces] and scalars: [segments], both in device memory.
-cudaError_t launch_adamw(float* param, float* exp_avg, float* exp_avg_sq, const float* grad, const AdamWPiece* pieces,
+cudaError_t launch_adamw(float* param, float* exp_avg, float* exp_avg_sq, const float* grad, const Piece* pieces,
                          int64_t num_pieces, const AdamWScalars* scalars, AdamWFormula formula, cudaStream_t stream);
 
 }  // namespace cuda

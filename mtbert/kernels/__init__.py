@@ -6,15 +6,25 @@ The environment variable ``MTBERT_KERNELS`` (read at each call) forces one: ``to
 PyTorch; ``triton`` always runs Triton, which on CPU tensors needs ``TRITON_INTERPRET=1`` set
 before mtbert is imported (Triton's interpreter, how the tests run the kernels without a GPU).
 Triton itself is optional: without it everything runs in PyTorch.
+
+Inside ``with GradientSegments(attention_mask, offsets, destinations):`` (see ``segmented``), the
+ops of parameters that require grad take their segmented form: one forward and one backward for
+the whole batch, each segment's parameter gradients written into its own destination.
 """
 import os
+
+import torch
+import torch.nn.functional as F
 
 from . import attention as _attention
 from . import bias_gelu as _bias_gelu
 from . import layer_norm as _layer_norm
+from . import segmented as _segmented
 from ._triton import can_launch, triton_available
+from .segmented import GradientSegments
 
-__all__ = ["add_layer_norm", "bias_gelu", "varlen_attention", "padded_attention", "use_triton", "triton_available"]
+__all__ = ["add_layer_norm", "bias_gelu", "linear", "embedding", "varlen_attention", "padded_attention",
+           "GradientSegments", "use_triton", "triton_available"]
 
 _CHOICES = ("torch", "triton", "auto")
 
@@ -31,20 +41,64 @@ def use_triton(tensor) -> bool:
     return tensor.is_cuda and can_launch(tensor)
 
 
+def _segments_for(*params):
+    """The active GradientSegments when one of ``params`` will need a gradient, else None."""
+    segments = _segmented.current()
+    if segments is None or not torch.is_grad_enabled():
+        return None
+    return segments if any(p is not None and p.requires_grad for p in params) else None
+
+
+def _blocks(tensors):
+    if tensors is None:
+        return ()
+    return (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+
+
+def linear(x, weight, bias=None):
+    """y = x Wᵀ + b. x: [..., in]; weight: [out, in], or a sequence of [out_i, in] blocks that act
+    as their concatenation (bias: [out], or one block per weight block, or None)."""
+    weights, biases = _blocks(weight), _blocks(bias)
+    segments = _segments_for(*weights, *biases)
+    if segments is not None:
+        return _segmented.linear(x, weights, biases, segments)
+    weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+    bias = None if not biases else biases[0] if len(biases) == 1 else torch.cat(biases)
+    return F.linear(x, weight, bias)
+
+
+def embedding(ids, weight, padding_idx=None):
+    """Rows of ``weight`` [V, N] at integer ``ids`` [...] (the padding row gets no gradient)."""
+    segments = _segments_for(weight)
+    if segments is not None:
+        return _segmented.embedding(ids, weight, padding_idx, segments)
+    return F.embedding(ids, weight, padding_idx)
+
+
 def add_layer_norm(x, residual, weight, bias, eps):
     """y = LayerNorm(x + residual) over the last dimension; residual may be None. x: [..., N];
     residual: broadcastable to x; weight, bias: [N]."""
+    segments = _segments_for(weight, bias)
     if use_triton(x):
         if residual is not None:  # the kernel reads both as [M, N] rows of one dtype
             residual = residual.to(x.dtype).expand_as(x).contiguous()
+        if segments is not None:
+            return _segmented.add_layer_norm(x.contiguous(), residual, weight, bias, eps, segments, use_triton=True)
         return _layer_norm.add_layer_norm_triton(x.contiguous(), residual, weight, bias, eps)
+    if segments is not None:
+        return _segmented.add_layer_norm(x, residual, weight, bias, eps, segments, use_triton=False)
     return _layer_norm.add_layer_norm_reference(x, residual, weight, bias, eps)
 
 
 def bias_gelu(x, bias):
     """y = GELU(x + bias), the exact erf GELU. x: [..., N]; bias: [N]."""
+    segments = _segments_for(bias)
     if use_triton(x):
+        if segments is not None:
+            return _segmented.bias_gelu(x.contiguous(), bias, segments, use_triton=True)
         return _bias_gelu.bias_gelu_triton(x.contiguous(), bias)
+    if segments is not None:
+        return _segmented.bias_gelu(x, bias, segments, use_triton=False)
     return _bias_gelu.bias_gelu_reference(x, bias)
 
 

@@ -18,6 +18,7 @@ The ``*-test-student.csv`` files have no label column. Files are read with :mod:
 the starter code reads them (``csv.DictReader(delimiter='\\t')``), so quoting behaves the same.
 """
 import csv
+import io
 import logging
 import math
 import random
@@ -27,6 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+
+from ..errors import DataFileError, DownloadError, MissingFileError, make_directory
 
 logger = logging.getLogger(__name__)
 
@@ -109,25 +113,23 @@ def load_task_file(task, path, labeled=None) -> TaskFile:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     spec = TASK_SPECS[task]
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{task} data file {path} does not exist (get the CS224N files with "
-            "`python -m mtbert.data download --to DIR`)"
+    reader = csv.DictReader(io.StringIO(_read_text(task, path), newline=""), delimiter="\t")
+    header = reader.fieldnames or []
+    if not header:
+        raise DataFileError(f"{path} is empty: a {spec.description} file starts with a header line "
+                            f"naming its columns {['id', *spec.text_columns, spec.label_column]}")
+    has_label = spec.label_column in header
+    if labeled is None:
+        labeled = has_label
+    required = ("id", *spec.text_columns) + ((spec.label_column,) if labeled else ())
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DataFileError(
+            f"{path} is not a {spec.description} file: missing column(s) {missing}; "
+            f"its header has {[c for c in header if c]}"
         )
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        header = reader.fieldnames or []
-        has_label = spec.label_column in header
-        if labeled is None:
-            labeled = has_label
-        required = ("id", *spec.text_columns) + ((spec.label_column,) if labeled else ())
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise ValueError(
-                f"{path} is not a {spec.description} file: missing column(s) {missing}; "
-                f"its header has {[c for c in header if c]}"
-            )
-        examples, skipped, first_problem = [], 0, None
+    examples, skipped, first_problem = [], 0, None
+    try:
         for row in reader:
             try:
                 example = _parse_row(row, spec, labeled)
@@ -137,9 +139,29 @@ def load_task_file(task, path, labeled=None) -> TaskFile:
                     first_problem = f"line {reader.line_num}: {err}"
                 continue
             examples.append(example)
+    except csv.Error as err:  # e.g. a field over csv's size limit: an unclosed quote swallowed the file
+        raise DataFileError(f"{path}, line {reader.line_num}: not readable as tab-separated values ({err})") from err
     if skipped:
         warnings.warn(f"{path}: skipped {skipped} malformed row(s) (first at {first_problem})", stacklevel=2)
     return TaskFile(task, path, examples, skipped, labeled)
+
+
+def _read_text(task, path) -> str:
+    """The whole file as text, or an error naming the file and the line of the first bad byte."""
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise MissingFileError(f"{task} data file {path} {what} (get the CS224N files with "
+                               "`python -m mtbert.data download --to DIR`)")
+    data = path.read_bytes()
+    if b"\0" in data:
+        line = data[:data.index(b"\0")].count(b"\n") + 1
+        raise DataFileError(f"{path} is a binary file, not tab-separated text (a NUL byte on line {line})")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise DataFileError(f"{path}, line {line}: byte 0x{data[err.start]:02x} is not UTF-8; the CS224N files "
+                            "are UTF-8 text (re-save the file as UTF-8)") from None
 
 
 def _parse_row(row, spec, labeled):
@@ -273,6 +295,22 @@ def collate(examples, tokenizer, pair_mode="separate", max_length=None) -> dict:
     return {"inputs": inputs, "labels": labels, "ids": [e.id for e in examples]}
 
 
+def concat_inputs(batches, pad_token_id=0):
+    """Several tokenizer outputs ([rows, L_i] tensors with the same keys) as one: their rows one
+    after the other, right-padded to the longest L_i (``pad_token_id``, mask 0, token type 0).
+    Returns (inputs, offsets): batch i is rows ``offsets[i]:offsets[i + 1]``."""
+    if not batches:
+        raise ValueError("concat_inputs needs at least one batch")
+    width = max(b["input_ids"].shape[1] for b in batches)
+    fill = {"input_ids": pad_token_id}
+    inputs = {key: torch.cat([F.pad(b[key], (0, width - b[key].shape[1]), value=fill.get(key, 0)) for b in batches])
+              for key in batches[0]}
+    offsets = [0]
+    for b in batches:
+        offsets.append(offsets[-1] + b["input_ids"].shape[0])
+    return inputs, offsets
+
+
 # -- synthetic sanity data ------------------------------------------------------------------------
 
 _SENTIMENT_WORDS = (("awful", "dreadful", "terrible"), ("dull", "weak", "tedious"), ("uneven", "average", "passable"),
@@ -290,8 +328,7 @@ def write_synthetic_data(directory, n_train=400, n_dev=100, n_test=100, seed=0) 
     score is 5 × the fraction of the three content words the sentences share. It exercises every
     stage of the pipeline; its scores mean nothing about the real tasks.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = make_directory(Path(directory), "data directory")
     rng = random.Random(seed)
 
     def sentence_pair(same_words):
@@ -343,8 +380,7 @@ OFFICIAL_BASE_URL = "https://raw.githubusercontent.com/gpoesia/minbert-default-f
 def download(to, base_url=OFFICIAL_BASE_URL, overwrite=False) -> dict:
     """Fetches the nine CS224N files from ``base_url`` into ``to`` and checks each one loads
     (right columns, how many malformed rows). Returns ``{filename: rows}``."""
-    to = Path(to)
-    to.mkdir(parents=True, exist_ok=True)
+    to = make_directory(Path(to), "data directory")
     rows = {}
     for (task, split), name in DEFAULT_FILES.items():
         target = to / name
@@ -357,11 +393,11 @@ def download(to, base_url=OFFICIAL_BASE_URL, overwrite=False) -> dict:
                     out.write(response.read())
             except OSError as err:
                 partial.unlink(missing_ok=True)
-                raise RuntimeError(f"could not download {url}: {err}") from err
+                raise DownloadError(f"could not download {url}: {err}") from err
             partial.replace(target)
         loaded = load_task_file(task, target, labeled=split != "test")
         if not loaded.examples:
-            raise RuntimeError(f"{target} holds no usable rows; delete it and download again")
+            raise DownloadError(f"{target} holds no usable rows; delete it and download again")
         rows[name] = len(loaded)
         logger.info("%s: %d rows, %d malformed rows skipped", name, len(loaded), loaded.skipped)
     return rows

@@ -1,14 +1,11 @@
 """MultitaskBert: one shared BERT encoder, a sentiment head and two sentence-pair heads."""
-import torch
 import torch.nn as nn
 
-from ..encode import mean_pool
+from ..encode import POOLINGS, pool
 from ..model import BertModel
 from ..pretrained import DEFAULT_MODEL
 from . import losses
 from .heads import PAIR_HEADS, SentimentHead, make_pair_head
-
-POOLINGS = ("mean", "cls")
 
 # A cosine head's initial affine map, chosen so that cosines of sentence embeddings (which fall
 # in [0, 1]) start out spread over the target's range; None keeps the bare cosine.
@@ -65,14 +62,23 @@ class MultitaskBert(nn.Module):
         return "joint" if getattr(self.heads[task], "joint", False) else "separate"
 
     def embed(self, inputs):
-        """Pooled sentence vectors [N, H] of one tokenizer output."""
-        out = self.encoder(**inputs)
-        if self.pooling == "cls":
-            return out.pooler_output
-        return mean_pool(out.last_hidden_state, inputs["attention_mask"])
+        """Pooled sentence vectors [N, H] of one tokenizer output (``mtbert.encode.POOLINGS``)."""
+        return pool(self.encoder(**inputs), inputs["attention_mask"], self.pooling)
 
     def forward(self, task, inputs):
+        return self.head_scores(task, self.embed(inputs))
+
+    def forward_packed(self, tasks, inputs, offsets):
+        """The scores of several batches from one encoder pass: ``inputs`` holds the batches'
+        rows one after the other (see :func:`mtbert.multitask.data.concat_inputs`), batch i being
+        rows ``offsets[i]:offsets[i + 1]``, of task ``tasks[i]``. Returns one score tensor per batch."""
+        if len(offsets) != len(tasks) + 1:
+            raise ValueError(f"offsets must have one more entry than tasks ({len(tasks)}), got {len(offsets)}")
         pooled = self.embed(inputs)
+        return [self.head_scores(task, pooled[begin:end]) for task, begin, end in zip(tasks, offsets, offsets[1:])]
+
+    def head_scores(self, task, pooled):
+        """The head of ``task`` on the pooled rows of one of its batches."""
         head = self.heads[task]
         if task == "sst" or head.joint:
             return head(pooled)
@@ -107,12 +113,3 @@ class MultitaskBert(nn.Module):
         for p in self.encoder.parameters():
             p.requires_grad_(False)
         return self
-
-    @torch.no_grad()
-    def scores_in_batches(self, task, batches):
-        """Concatenated scores over an iterable of collated batches, in eval mode."""
-        was_training = self.training
-        self.eval()
-        out = [self(task, batch["inputs"]) for batch in batches]
-        self.train(was_training)
-        return torch.cat(out)

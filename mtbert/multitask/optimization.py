@@ -4,9 +4,8 @@ are combined (sum / PCGrad / main+aux, two passes in C++); ``FusedAdamW`` update
 one kernel per parameter group. The trainer sees only :class:`GradientPath`'s methods."""
 import torch
 
+from ..kernels import GradientSegments
 from ..optim import FlatParameters, FusedAdamW
-
-GRAD_METHODS = ("sum", "pcgrad", "main-aux")
 
 
 def decay_groups(parameters, weight_decay):
@@ -19,7 +18,8 @@ def decay_groups(parameters, weight_decay):
 
 
 class GradientPath:
-    """Per-task backward, combination and the optimizer step for the trained tasks of ``model``.
+    """Per-task backward (or one packed backward for all tasks), combination and the optimizer
+    step for the trained tasks of ``model``.
 
     Rows of the gradient buffer follow ``config.tasks``; the shared segment is the encoder's
     trainable parameters (none with ``option='pretrain'``), then each task's head. Surgery applies to
@@ -41,6 +41,30 @@ class GradientPath:
     def backward(self, task, loss):
         """Accumulates the gradient of ``loss`` into ``task``'s row."""
         with self.flat.task(task):
+            loss.backward()
+
+    def task_segments(self, attention_mask, task_rows):
+        """The context of one packed forward of several tasks' sequences: the encoder's ops write
+        each task's shared-parameter gradients straight into its row (see
+        ``mtbert.kernels.GradientSegments``). attention_mask: the packed batch's [B, L] mask;
+        task_rows: {task: (begin, end)}, the batch rows holding that task's sequences, the tasks in
+        row order (a task absent from it has no rows)."""
+        offsets = [0]
+        for task in self.flat.task_names:
+            begin, end = task_rows.get(task, (offsets[-1], offsets[-1]))
+            if begin != offsets[-1]:
+                raise ValueError(f"task_rows must cover the batch rows in task order {self.flat.task_names}, "
+                                 f"got {task_rows}")
+            offsets.append(end)
+        unknown = set(task_rows) - set(self.flat.task_names)
+        if unknown:
+            raise ValueError(f"task_rows names tasks without a gradient row: {sorted(unknown)}")
+        return GradientSegments(attention_mask, offsets, self.flat.shared_row_views())
+
+    def backward_packed(self, loss):
+        """One backward of a sum of task losses computed inside :meth:`task_segments`: each head's
+        gradient goes to its task's row, the shared gradients were routed by the encoder's ops."""
+        with self.flat.own_rows():
             loss.backward()
 
     def step(self):

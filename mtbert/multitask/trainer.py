@@ -13,89 +13,182 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..encode import POOLINGS
+from ..errors import CheckpointError, ConfigError, DataFileError, make_directory
+from ..optim import METHODS
+from ..pretrained import DEFAULT_MODEL
 from ..tokenizer import Tokenizer
 from . import evaluate as evaluation
-from .checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
-from .data import DEFAULT_FILES, TASKS, LengthBucketSampler, collate, example_lengths, load_task_file
+from .checkpoint import kill_point, load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from .data import DEFAULT_FILES, TASKS, LengthBucketSampler, collate, concat_inputs, example_lengths, load_task_file
+from .heads import PAIR_HEADS
+from .losses import STS_LOSSES
 from .model import MultitaskBert
-from .optimization import GRAD_METHODS, make_gradient_path
+from .optimization import make_gradient_path
 
 logger = logging.getLogger(__name__)
 
 TASK_SAMPLINGS = ("round-robin", "proportional", "annealed")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+# packed: one encoder forward and backward over all task slots of a step, each task's gradient
+# split into its row by the encoder's ops; per-task: one forward and backward per slot (the reference).
+PASSES = ("packed", "per-task")
 CHECKPOINT_FORMAT = 1
+
+
+def setting(default=dataclasses.MISSING, *flags, group, help, default_factory=dataclasses.MISSING, **argparse):
+    """A :class:`TrainConfig` field and its command-line flag(s) in one declaration: ``mtbert.train``
+    builds its parser from this metadata (``flags`` default to ``--field-name``; ``argparse`` holds
+    add_argument options such as ``choices``, ``type``, ``action``, ``metavar``; ``show_default=False``
+    when the help states the default itself; ``per_key`` for dict fields with one flag per key;
+    ``alias=(flag, {value: field value}, help)`` for a second spelling with its own values)."""
+    return field(default=default, default_factory=default_factory,
+                 metadata={"cli": {"flags": flags, "group": group, "help": help, **argparse}})
+
+
+def parse_task_list(text):
+    """``"sst, sts"`` → ``("sst", "sts")``."""
+    return tuple(task.strip() for task in text.split(",") if task.strip())
+
+
+def parse_loss_weights(text):
+    """``"sst=1,sts=0.05"`` → ``{"sst": 1.0, "sts": 0.05}``."""
+    weights = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        task, sep, value = item.partition("=")
+        task = task.strip()
+        if not sep or task not in TASKS:
+            raise ValueError(f"expected TASK=WEIGHT with TASK among {TASKS}, got {item!r}")
+        try:
+            weights[task] = float(value)
+        except ValueError:
+            raise ValueError(f"weight of {task!r} is not a number: {value!r}") from None
+    return weights
+
+
+_FILE_HELP = {"train": "training", "dev": "dev", "test": "unlabeled test-student"}
+DATA_FILE_KEYS = {f"{task}_{split}": f"{task} {_FILE_HELP[split]} file (default: DATA/{DEFAULT_FILES[(task, split)]})"
+                  for task in TASKS for split in ("train", "dev", "test")}
+PREDICTION_FILE_KEYS = {f"{task}_{split}_out": f"{task} {split} predictions "
+                                                f"(default: OUT/predictions/{task}-{split}-output.csv)"
+                        for task in TASKS for split in ("dev", "test")}
 
 
 @dataclass
 class TrainConfig:
-    """Every setting of a run; the command line (``mtbert.train``) fills it, checkpoints store it."""
-    data: str = "data"
-    out: str = "runs/mtbert"
-    tasks: tuple = TASKS
-    # Data files; None means DATA/<the CS224N starter's file name>. A missing test file only
+    """Every setting of a run; checkpoints store it. Each field declares its command-line flag
+    (:func:`setting`), from which ``mtbert.train`` builds its parser."""
+    data: str = setting("data", group="data", env="MTBERT_DATA", show_default=False,
+                        help="directory holding the CS224N files (default: $MTBERT_DATA or ./data)")
+    out: str = setting("runs/mtbert", group="run", help="output directory")
+    tasks: tuple = setting(TASKS, group="data", type=parse_task_list, show_default=False,
+                           help="comma-separated tasks to train (default: sst,para,sts)")
+    # Data files; absent means DATA/<the CS224N starter's file name>. A missing test file only
     # means no test predictions for that task.
-    files: dict = field(default_factory=dict)
-    prediction_files: dict = field(default_factory=dict)
-    model: str = "all-MiniLM-L6-v2"
-    pooling: str = "mean"
-    para_head: str = "sbert"
-    sts_head: str = "sbert"
-    sts_loss: str = "mse"
+    files: dict = setting(group="data", default_factory=dict, per_key=DATA_FILE_KEYS, metavar="FILE",
+                          help="data files (file names default to the CS224N starter's, inside --data)")
+    prediction_files: dict = setting(group="data", default_factory=dict, per_key=PREDICTION_FILE_KEYS,
+                                     metavar="FILE", help="prediction files")
+    model: str = setting(DEFAULT_MODEL, group="model",
+                         help=f"encoder: a name ({DEFAULT_MODEL} is bundled) or a local BERT checkpoint directory")
+    pooling: str = setting("mean", group="model", choices=POOLINGS,
+                           help="sentence vector: mean of the tokens, the raw [CLS] vector, or the [CLS] "
+                                "pooler tanh(W·[CLS]) (the CS224N starter's pooler_output)")
+    para_head: str = setting("sbert", "--para-head", group="model", choices=PAIR_HEADS,
+                             help="paraphrase head: concat [u;v]→Linear, scaled cosine, "
+                                  "sbert (u,v,|u−v|)→Linear, or cross (the pair encoded together)")
+    sts_head: str = setting("sbert", "--sts-head", group="model", choices=PAIR_HEADS,
+                            help="STS head, same choices")
+    sts_loss: str = setting("mse", "--sts-loss", group="model", choices=STS_LOSSES,
+                            help="STS loss: mse on 0–5, ce = BCE against similarity/5 (the paper's uniform "
+                                 "cross-entropy), cosine-mse (SBERT), cosent (ranking)")
     # Task → multiplier of its loss (1.0 when absent). Balances tasks whose gradients differ in
     # size: CoSENT's encoder gradient is 30–60× SST's at the start of fine-tuning.
-    loss_weights: dict = field(default_factory=dict)
-    option: str = "finetune"
-    hidden_dropout_prob: float = 0.3
-    epochs: int = 10
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    lr: float = None  # None: 1e-3 for "pretrain", 1e-5 for "finetune" (the starter's advice)
-    weight_decay: float = 0.0
-    warmup: float = 0.0  # fraction of all steps
-    schedule: str = "constant"
-    grad_method: str = "sum"
-    main_task: str = "sst"
-    aux_weight: float = 0.3
-    task_sampling: str = "round-robin"
-    max_length: int = 128
-    bucket: bool = True
-    max_train_examples: int = None  # per task, a seeded random subset
-    max_dev_examples: int = None
-    seed: int = 11711
-    use_gpu: bool = False
-    bf16: bool = False
-    save_every: int = 500  # steps between mid-epoch checkpoints (0: only at epoch ends)
-    log_every: int = 25
-    progress: bool = True
+    loss_weights: dict = setting(group="optimization", default_factory=dict, type=parse_loss_weights,
+                                 metavar="TASK=W[,TASK=W]", show_default=False,
+                                 help="multiply a task's loss, e.g. sts=0.05 to bring CoSENT's large gradient to "
+                                      "the size of the other tasks' (default: 1 for every task)")
+    option: str = setting("finetune", group="optimization", choices=("pretrain", "finetune"),
+                          alias=("--fine-tune-mode", {"last-linear-layer": "pretrain", "full-model": "finetune"},
+                                 "the newer starter's name for --option: last-linear-layer = pretrain, "
+                                 "full-model = finetune"),
+                          help="pretrain: freeze the encoder, train the heads (the CS224N baseline); "
+                               "finetune: train everything")
+    hidden_dropout_prob: float = setting(0.3, "--hidden_dropout_prob", group="model",
+                                         help="dropout of the encoder and the heads (the starter's default)")
+    epochs: int = setting(10, group="optimization", help="training epochs (round-robin: passes over the largest task)")
+    batch_size: int = setting(32, "--batch_size", group="optimization", help="examples per task per step")
+    eval_batch_size: int = setting(128, group="optimization", help="examples per evaluation batch")
+    lr: float = setting(None, group="optimization", show_default=False,
+                        help="learning rate (default: 1e-3 with pretrain, 1e-5 with finetune, the starter's advice)")
+    weight_decay: float = setting(0.0, group="optimization",
+                                  help="AdamW decoupled weight decay, not applied to biases and LayerNorm")
+    warmup: float = setting(0.0, group="optimization",
+                            help="fraction of all steps with a linear learning-rate warmup")
+    schedule: str = setting("constant", group="optimization", choices=LR_SCHEDULES,
+                            help="learning-rate schedule after warmup")
+    grad_method: str = setting("sum", group="optimization", choices=METHODS,
+                               help="how the task gradients combine: sum, pcgrad (Yu et al. 2020), main-aux "
+                                    "(Bi et al. 2022: PCGrad of the main task against λ·Σ auxiliary)")
+    main_task: str = setting("sst", group="optimization", choices=TASKS, help="main task of --grad-method main-aux")
+    aux_weight: float = setting(0.3, group="optimization", help="λ, weight of the auxiliary tasks in main-aux")
+    task_sampling: str = setting("round-robin", group="optimization", choices=TASK_SAMPLINGS,
+                                 help="round-robin: one batch of every task per step, smaller tasks cycle; "
+                                      "proportional to size; annealed (Stickland & Murray 2019)")
+    passes: str = setting("packed", group="optimization", choices=PASSES,
+                          help="packed: one encoder forward and backward for all tasks of a step, each task's "
+                               "gradient split by its tokens; per-task: one pass per task (the reference)")
+    max_length: int = setting(128, group="data", help="truncate encodings to this many tokens")
+    bucket: bool = setting(True, "--no-bucket", group="data", action="store_false",
+                           help="plain shuffled batches instead of length-bucketed ones (more padding)")
+    max_train_examples: int = setting(None, group="data", metavar="N", show_default=False,
+                                      help="train on a seeded random subset of at most N examples per task")
+    max_dev_examples: int = setting(None, group="data", metavar="N", show_default=False,
+                                    help="evaluate on at most N dev examples per task")
+    seed: int = setting(11711, group="optimization", help="seed of every random draw")
+    use_gpu: bool = setting(False, "--use_gpu", group="run", action="store_true",
+                            help="train on CUDA when available")
+    bf16: bool = setting(False, group="run", action="store_true",
+                         help="bfloat16 autocast for the forward pass (CUDA only)")
+    save_every: int = setting(500, group="run",
+                              help="steps between mid-epoch checkpoints, 0 for epoch ends only")
+    log_every: int = setting(25, group="run", help="steps between training-loss records in metrics.jsonl")
+    progress: bool = setting(True, "--no-progress", group="run", action="store_false", help="no progress bar")
 
     def __post_init__(self):
         self.tasks = tuple(self.tasks)
         for task in self.tasks:
             if task not in TASKS:
-                raise ValueError(f"tasks must be among {TASKS}, got {task!r}")
+                raise ConfigError(f"tasks must be among {TASKS}, got {task!r}")
         if not self.tasks:
-            raise ValueError("tasks must name at least one task")
-        checks = [("option", self.option, ("pretrain", "finetune")), ("grad_method", self.grad_method, GRAD_METHODS),
+            raise ConfigError("tasks must name at least one task")
+        checks = [("option", self.option, ("pretrain", "finetune")), ("grad_method", self.grad_method, METHODS),
                   ("task_sampling", self.task_sampling, TASK_SAMPLINGS), ("schedule", self.schedule, LR_SCHEDULES),
-                  ("main_task", self.main_task, TASKS)]
+                  ("main_task", self.main_task, TASKS), ("pooling", self.pooling, POOLINGS),
+                  ("para_head", self.para_head, PAIR_HEADS), ("sts_head", self.sts_head, PAIR_HEADS),
+                  ("sts_loss", self.sts_loss, STS_LOSSES), ("passes", self.passes, PASSES)]
         for name, value, allowed in checks:
             if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+                raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
         if self.grad_method == "main-aux" and self.main_task not in self.tasks:
-            raise ValueError(f"main_task {self.main_task!r} is not among the trained tasks {self.tasks}")
+            raise ConfigError(f"main_task {self.main_task!r} is not among the trained tasks {self.tasks}")
         for task, weight in self.loss_weights.items():
             if task not in self.tasks:
-                raise ValueError(f"loss_weights names {task!r}, which is not among the trained tasks {self.tasks}")
+                raise ConfigError(f"loss_weights names {task!r}, which is not among the trained tasks {self.tasks}")
             if not (math.isfinite(weight) and weight > 0):
-                raise ValueError(f"loss_weights[{task!r}] must be a positive finite number, got {weight}")
+                raise ConfigError(f"loss_weights[{task!r}] must be a positive finite number, got {weight}")
         for name in ("epochs", "batch_size", "eval_batch_size", "max_length"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("save_every", "log_every"):
+            if getattr(self, name) < 0 or (name == "log_every" and self.log_every == 0):
+                raise ConfigError(f"{name} must be >= {int(name == 'log_every')}, got {getattr(self, name)}")
         if not 0.0 <= self.warmup < 1.0:
-            raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+            raise ConfigError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if self.lr is None:
             self.lr = 1e-3 if self.option == "pretrain" else 1e-5
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a positive finite number, got {self.lr}")
 
     def file(self, task, split):
         path = self.files.get(f"{task}_{split}")
@@ -187,11 +280,22 @@ def _subset(examples, limit, seed, name):
     return [examples[i] for i in sorted(rng.sample(range(len(examples)), limit))]
 
 
+class TrainingStopped(Exception):
+    """``fit()`` stopped early at a step boundary because :meth:`Trainer.request_stop` was called
+    (the command line calls it on SIGINT / SIGTERM); ``checkpoint`` holds the state to resume from."""
+
+    def __init__(self, reason, checkpoint, global_step):
+        super().__init__(f"stopped by {reason} after step {global_step}; resume with --resume {checkpoint}")
+        self.reason, self.checkpoint, self.global_step = reason, checkpoint, global_step
+
+
 class Trainer:
     """Builds everything a run needs from a :class:`TrainConfig`, then ``fit()``.
 
     ``on_step(trainer)`` (optional) is called after every optimizer step; raising from it stops
-    the run there, like a kill (the tests use it to check that resuming is exact)."""
+    the run there, like a kill (the tests use it to check that resuming is exact).
+    ``request_stop(reason)`` makes ``fit()`` save a checkpoint at the next step boundary and raise
+    :class:`TrainingStopped`."""
 
     def __init__(self, config: TrainConfig, model: MultitaskBert = None, tokenizer: Tokenizer = None, on_step=None):
         self.config = config
@@ -202,6 +306,7 @@ class Trainer:
             warnings.warn("--use_gpu given but CUDA is not available; training on the CPU")
         if config.bf16 and self.device.type != "cuda":
             raise ValueError("--bf16 needs a CUDA device (--use_gpu on a machine with a GPU)")
+        make_directory(self.out)
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self.tokenizer = tokenizer or Tokenizer.from_pretrained(config.model)
@@ -223,6 +328,12 @@ class Trainer:
         self.train_seconds = 0.0  # wall time of the training steps and their checkpoints, no evaluation
         self._best_dev = None  # (epoch, dev metrics, dev predictions) of the best epoch run here
         self.token_slots = {t: [0, 0] for t in config.tasks}  # real tokens, padded slots this epoch
+        self.loss_window = {t: [0.0, 0] for t in config.tasks}  # loss sum, count since the last record
+        self.stop_reason = None
+
+    def request_stop(self, reason="a stop request"):
+        """Asks ``fit()`` to checkpoint and stop at the next step boundary (safe from a signal handler)."""
+        self.stop_reason = reason
 
     # -- setup --------------------------------------------------------------------------------
     def _load_data(self):
@@ -232,10 +343,13 @@ class Trainer:
             train = load_task_file(task, cfg.file(task, "train"), labeled=True)
             train.examples = _subset(train.examples, cfg.max_train_examples, cfg.seed, f"{task}-train")
             if not train.examples:
-                raise ValueError(f"{train.path} has no usable training rows")
+                raise DataFileError(f"{train.path} has no usable training rows")
             self.train_sets[task] = train
             dev = load_task_file(task, cfg.file(task, "dev"), labeled=True)
             dev.examples = _subset(dev.examples, cfg.max_dev_examples, cfg.seed, f"{task}-dev")
+            if len(dev.examples) < 2:  # Pearson and accuracy need rows to compare
+                raise DataFileError(f"{dev.path} has {len(dev.examples)} usable dev row(s); "
+                                    "evaluation needs at least 2")
             self.dev_sets[task] = dev
             test_path = cfg.file(task, "test")
             if test_path.is_file():
@@ -281,11 +395,26 @@ class Trainer:
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "best_overall": self.best_overall, "skipped_steps": self.skipped_steps,
             "train_seconds": self.train_seconds,
+            # So that metrics.jsonl after a resume equals an uninterrupted run's.
+            "loss_window": self.loss_window, "token_slots": self.token_slots,
         }
 
-    def load_state_dict(self, state):
+    @staticmethod
+    def check_checkpoint(state, path):
+        """Raises :class:`CheckpointError` unless ``state`` is a training checkpoint (``last.pt``)."""
+        if "format" not in state and {"model", "dev"} <= state.keys():
+            raise CheckpointError(f"{path} is a best-model checkpoint (best.pt): it has no optimizer or sampler "
+                                  "state to resume from; resume from last.pt in the same directory")
         if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"checkpoint format {state.get('format')} is not {CHECKPOINT_FORMAT}")
+            raise CheckpointError(f"{path} is not a training checkpoint of mtbert-train (format "
+                                  f"{state.get('format')!r}, expected {CHECKPOINT_FORMAT}); resume from OUT/last.pt")
+        missing = [key for key in ("config", "model", "optimizer", "scheduler", "gradients", "streams", "rng",
+                                   "epoch", "step_in_epoch", "global_step") if key not in state]
+        if missing:
+            raise CheckpointError(f"{path} lacks {missing}: not a complete training checkpoint")
+
+    def load_state_dict(self, state, path="the checkpoint"):
+        self.check_checkpoint(state, path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -297,13 +426,15 @@ class Trainer:
         self.global_step, self.best_overall = state["global_step"], state["best_overall"]
         self.skipped_steps = state["skipped_steps"]
         self.train_seconds = state.get("train_seconds", 0.0)
-        self._truncate_metrics(self.global_step)
+        self.loss_window = state.get("loss_window", {t: [0.0, 0] for t in self.config.tasks})
+        self.token_slots = state.get("token_slots", {t: [0, 0] for t in self.config.tasks})
 
     def save(self, name="last.pt"):
         return save_checkpoint(self.state_dict(), self.out / name)
 
     def _truncate_metrics(self, step):
-        """Drops the records a killed run wrote after its last checkpoint; they are redone."""
+        """Drops the records a killed run wrote after its last checkpoint (all of them when this run
+        starts from scratch in the same directory); they are redone."""
         path = self.out / "metrics.jsonl"
         if path.is_file():
             records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -317,47 +448,94 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------------
     def train_step(self, tasks):
-        """Forward + backward of one batch per task slot, then the combined update. Returns
-        ({task: loss}, examples) or (None, examples) when a non-finite loss skipped the step."""
+        """Draws the next batch of each task slot, then :meth:`run_step`."""
+        return self.run_step(tasks, [self._next_batch(task) for task in tasks])
+
+    def _next_batch(self, task):
+        indices = self.streams[task].next()
+        batch = collate([self.train_sets[task].examples[i] for i in indices], self.tokenizer,
+                        self.model.pair_mode(task), self.config.max_length)
+        mask = batch["inputs"]["attention_mask"]
+        self.token_slots[task][0] += int(mask.sum())
+        self.token_slots[task][1] += mask.numel()
+        return batch
+
+    def run_step(self, tasks, batches):
+        """Forward + backward of ``batches`` (one collated batch per task slot, as ``collate``
+        makes them), in one packed pass or one pass per slot (``config.passes``), then the
+        combined update. Returns ({task: loss}, examples) or (None, examples) when a non-finite
+        loss skipped the step."""
         self.gradients.zero_grad()
-        step_losses, examples = {}, 0
-        for task in tasks:
-            indices = self.streams[task].next()
-            batch = collate([self.train_sets[task].examples[i] for i in indices], self.tokenizer,
-                            self.model.pair_mode(task), self.config.max_length)
-            inputs = {k: v.to(self.device) for k, v in batch["inputs"].items()}
-            mask = batch["inputs"]["attention_mask"]
-            self.token_slots[task][0] += int(mask.sum())
-            self.token_slots[task][1] += mask.numel()
-            with self._autocast():
-                scores = self.model(task, inputs)
-            loss = self.model.loss(task, scores.float(), batch["labels"].to(self.device))
-            examples += len(indices)
-            if not torch.isfinite(loss):
-                self.skipped_steps += 1
-                warnings.warn(f"non-finite {task} loss at step {self.global_step}: step skipped "
-                              f"({self.skipped_steps} so far)")
-                self.gradients.zero_grad()
-                return None, examples
-            self.gradients.backward(task, self.config.loss_weights.get(task, 1.0) * loss)
-            step_losses[task] = step_losses.get(task, 0.0) + loss.item()
+        examples = sum(len(batch["labels"]) for batch in batches)
+        run = self._packed_pass if self.config.passes == "packed" else self._per_task_passes
+        step_losses = run(tasks, batches)
+        if step_losses is None:
+            self.gradients.zero_grad()
+            return None, examples
         self.gradients.step()
         self.scheduler.step()
         return step_losses, examples
 
+    def _finite(self, task, loss):
+        """Whether ``loss`` is finite; if not, counts the skipped step and warns."""
+        if torch.isfinite(loss):
+            return True
+        self.skipped_steps += 1
+        warnings.warn(f"non-finite {task} loss at step {self.global_step}: step skipped ({self.skipped_steps} so far)")
+        return False
+
+    def _per_task_passes(self, tasks, batches):
+        step_losses = {}
+        for task, batch in zip(tasks, batches):
+            inputs = {k: v.to(self.device) for k, v in batch["inputs"].items()}
+            with self._autocast():
+                scores = self.model(task, inputs)
+            loss = self.model.loss(task, scores.float(), batch["labels"].to(self.device))
+            if not self._finite(task, loss):
+                return None
+            self.gradients.backward(task, self.config.loss_weights.get(task, 1.0) * loss)
+            step_losses[task] = step_losses.get(task, 0.0) + loss.item()
+        return step_losses
+
+    def _packed_pass(self, tasks, batches):
+        # Slots in gradient-row order, so that each task's sequences are one range of rows.
+        slots = sorted(zip(tasks, batches), key=lambda slot: self.config.tasks.index(slot[0]))
+        tasks = [task for task, _ in slots]
+        inputs, offsets = concat_inputs([batch["inputs"] for _, batch in slots],
+                                        self.model.encoder.config.pad_token_id)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        task_rows = {}
+        for task, begin, end in zip(tasks, offsets, offsets[1:]):
+            task_rows[task] = (task_rows.get(task, (begin,))[0], end)
+        with self.gradients.task_segments(inputs["attention_mask"], task_rows), self._autocast():
+            scores = self.model.forward_packed(tasks, inputs, offsets)
+        losses = [self.model.loss(task, task_scores.float(), batch["labels"].to(self.device))
+                  for task, task_scores, (_, batch) in zip(tasks, scores, slots)]
+        if not all(self._finite(task, loss) for task, loss in zip(tasks, losses)):
+            return None
+        self.gradients.backward_packed(sum(self.config.loss_weights.get(task, 1.0) * loss
+                                           for task, loss in zip(tasks, losses)))
+        step_losses = {}
+        for task, loss in zip(tasks, losses):
+            step_losses[task] = step_losses.get(task, 0.0) + loss.item()
+        return step_losses
+
     def fit(self):
         cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
+        self._truncate_metrics(self.global_step)
         (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
         while self.epoch < cfg.epochs:
             self._run_epoch()
+            if self.stop_reason is not None and self.epoch < cfg.epochs:
+                raise TrainingStopped(self.stop_reason, self.out / "last.pt", self.global_step)  # saved at epoch end
         return self.finish()
 
     def _run_epoch(self):
         cfg = self.config
         plan = self.plans[self.epoch]
-        window = {t: [0.0, 0] for t in cfg.tasks}  # loss sum, count since the last record
-        self.token_slots = {t: [0, 0] for t in cfg.tasks}  # real tokens, padded slots this epoch
+        if self.step_in_epoch == 0:  # a resumed epoch keeps the counts of its steps before the checkpoint
+            self.token_slots = {t: [0, 0] for t in cfg.tasks}
+        window = self.loss_window
         examples, started = 0, time.perf_counter()
         step_started = started
         bar = tqdm(total=len(plan), initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
@@ -378,12 +556,16 @@ class Trainer:
                 self._record(kind="train", epoch=self.epoch, step=self.global_step,
                              loss={t: s / c for t, (s, c) in window.items() if c}, examples_per_s=speed,
                              lr=self.scheduler.get_last_lr()[0], skipped_steps=self.skipped_steps)
-                window = {t: [0.0, 0] for t in cfg.tasks}
+                window = self.loss_window = {t: [0.0, 0] for t in cfg.tasks}
             if cfg.save_every and self.global_step % cfg.save_every == 0 and self.step_in_epoch < len(plan):
                 self.save()
             self.train_seconds += time.perf_counter() - step_started
             if self.on_step is not None:
                 self.on_step(self)
+            kill_point("step", self.global_step)
+            if self.stop_reason is not None and self.step_in_epoch < len(plan):
+                bar.close()
+                raise TrainingStopped(self.stop_reason, self.save(), self.global_step)
             step_started = time.perf_counter()
         bar.close()
         padding = {t: 1.0 - real / slots for t, (real, slots) in self.token_slots.items() if slots}

@@ -184,7 +184,7 @@ def combine_reference(grads: torch.Tensor, method: str = "sum", *, boundaries: O
             projected.append(g_i)
     elif method == "main-aux":
         g_main = rows[main]
-        g_aux = aux_weight * sum(rows[j] for j in range(K) if j != main)
+        g_aux = aux_weight * sum((rows[j] for j in range(K) if j != main), torch.zeros_like(g_main))  # K = 1: 0
         dot = torch.dot(g_main, g_aux)
         aux_pc = g_aux - dot / torch.dot(g_main, g_main) * g_main if dot < 0 and torch.dot(g_main, g_main) > 0 else g_aux
         main_pc = g_main

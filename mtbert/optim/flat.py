@@ -2,6 +2,7 @@
 contiguous float32 buffer, and every ``.grad`` a view into a [K, P] gradient buffer (one row per
 task), so that autograd accumulates each task's backward pass straight into its row, gradient
 surgery reads the rows without copies, and one kernel updates all parameters."""
+import bisect
 import contextlib
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -96,6 +97,9 @@ class FlatParameters:
                 p.data = self.params[begin:end].view_as(p)
                 _OWNER[p] = self
         self._row_views = [self._views_of(self.grads[k]) for k in range(K)]
+        # The task row of each parameter's segment (None: shared).
+        self._owner_rows = [None if begin < self.boundaries[1] else bisect.bisect_right(self.boundaries, begin) - 2
+                            for begin, _ in self._spans]
         self._grad_views = self._views_of(self.grad)
         self._selected: Optional[int] = None
         self.select_combined()
@@ -161,9 +165,40 @@ class FlatParameters:
         self._selected = None
 
     @property
-    def selected_task(self) -> Optional[int]:
-        """The row ``.grad`` points at, or None when it points at the combined gradient."""
+    def selected_task(self) -> Optional[Union[int, str]]:
+        """The row ``.grad`` points at, ``"own"`` inside :meth:`own_rows`, or None when it points
+        at the combined gradient."""
         return self._selected
+
+    def shared_row_views(self) -> Dict[int, List[torch.Tensor]]:
+        """id(parameter) -> its view in each of the K rows, for every shared parameter: where
+        ops that split gradients by task (``mtbert.kernels.GradientSegments``) write them."""
+        return {id(p): [views[i] for views in self._row_views]
+                for i, (p, owner) in enumerate(zip(self._parameters, self._owner_rows)) if owner is None}
+
+    def _select_own_rows(self) -> None:
+        for i, (p, owner) in enumerate(zip(self._parameters, self._owner_rows)):
+            p.grad = None if owner is None else self._row_views[owner][i]
+        self._selected = "own"
+
+    @contextlib.contextmanager
+    def own_rows(self) -> Iterator[None]:
+        """``with flat.own_rows(): sum_of_task_losses.backward()``: each task's parameters
+        accumulate into their own row; the shared parameters have no ``.grad``, their per-task
+        gradients being written into the rows by the ops themselves (see ``shared_row_views``).
+        Raises RuntimeError if autograd gave a shared parameter a gradient: it would mix the tasks."""
+        if not self.task_names:
+            raise RuntimeError("own_rows() needs task segments; this FlatParameters has none")
+        self._select_own_rows()
+        try:
+            yield
+            mixed = [tuple(p.shape) for p, owner in zip(self._parameters, self._owner_rows)
+                     if owner is None and p.grad is not None]
+            if mixed:
+                raise RuntimeError(f"shared parameters of shapes {mixed} received a gradient of all tasks at once: "
+                                   "their ops did not split it by task")
+        finally:
+            self.select_combined()
 
     @contextlib.contextmanager
     def task(self, task: TaskKey) -> Iterator[int]:
@@ -182,6 +217,8 @@ class FlatParameters:
         # Re-attach the views in case something set .grad to None (nn.Module.zero_grad does).
         if self._selected is None:
             self.select_combined()
+        elif self._selected == "own":
+            self._select_own_rows()
         else:
             self.select_task(self._selected)
 
