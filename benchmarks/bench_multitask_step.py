@@ -9,14 +9,15 @@ batches padded to the longest, and the trainer's length-bucketed batches.
 Rows (one table; ratios by real tokens/s, so rows on different batches compare):
 
 - the usual stack on random batches -- the baseline: ``transformers.BertModel`` (SDPA), per-pair
-  Python PCGrad, ``torch.optim.AdamW`` defaults; mtbert on the same batches;
+  Python PCGrad, ``torch.optim.AdamW`` defaults; mtbert's K-pass step on the same batches;
 - the competent stack on bucketed batches: ``transformers.BertModel`` (SDPA), Gram-matrix PCGrad in
   plain torch, ``torch.optim.AdamW(fused=True)``, eager and with the encoder under
-  ``torch.compile(dynamic=True)`` (compiled once before timing); mtbert on the same batches;
+  ``torch.compile(dynamic=True)`` (compiled once before timing); mtbert's K-pass and one-pass
+  (packed) steps on the same batches;
 - bf16 (a CPU with AVX-512-BF16 or AMX, or a GPU): the competent rows under bf16 autocast, and
   mtbert's bf16 row (see ``MTBERT_STEPS``).
 
-Before anything is timed, the competent stack and mtbert train 3 steps from the same weights on
+Before anything is timed, the competent stack and each mtbert step train 3 steps from the same weights on
 the same bucketed batches: their combined gradients must agree to 1e-4 (relative, in norm) at
 every step and their parameter changes to 1e-3 (``stacks.check_same_training``); the errors are
 recorded with mtbert's rows. Each row also records where its time goes (forward, backward,
@@ -39,7 +40,7 @@ import torch
 import transformers
 from conftest import (AUTOCAST_DTYPES, DATA_DIR, DEVICE, PRECISIONS, REGIME_NAMES, REGIMES, padding_fraction,
                       trainer_batches)
-from stacks import TASKS, CompetentStep, MtbertStep, PhaseTimer, UsualStep, check_same_training
+from stacks import TASKS, CompetentStep, MtbertPackedStep, MtbertStep, PhaseTimer, UsualStep, check_same_training
 
 from mtbert import BertModel, Tokenizer
 from mtbert.multitask.data import write_synthetic_data
@@ -52,14 +53,14 @@ STEPS_PER_CALL = 2  # different batches each: one bucketed batch's length is not
 CHECKED_STEPS = 3
 GROUP = f"multitask step (3 tasks × {BATCH_SIZE}, PCGrad, AdamW), {STEPS_PER_CALL} steps per call"
 
-# mtbert's steps by name. Section 2's one-pass step (all tasks in one packed forward and backward)
-# and its CPU bf16 path plug in here as further entries with the same gradients/update interface,
-# each with its rows in multitask_rows().
-MTBERT_STEPS = {"mtbert": MtbertStep}
+# mtbert's steps by name: the one-pass step (the trainer's default) and the K-pass step. A CPU
+# bf16 path that needs more than autocast plugs in here as a further entry with the same
+# gradients/update interface, with its rows in multitask_rows().
+MTBERT_STEPS = {"mtbert": MtbertStep, "mtbert packed": MtbertPackedStep}
 STACK_STEPS = {"usual": UsualStep, "competent": CompetentStep, **MTBERT_STEPS}
 STACK_NAMES = {"usual": "usual stack (transformers + per-pair Python PCGrad + torch AdamW)",
                "competent": "competent stack (transformers + Gram PCGrad + AdamW fused)",
-               "mtbert": "mtbert"}
+               "mtbert": "mtbert, one pass per task", "mtbert packed": "mtbert, one packed pass"}
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class StepRow:
 
     @property
     def id(self):
-        return "-".join([self.stack, self.regime, self.precision] + ["compiled"] * self.compiled)
+        return "-".join([self.stack.replace(" ", "_"), self.regime, self.precision] + ["compiled"] * self.compiled)
 
 
 def multitask_rows():
@@ -89,7 +90,8 @@ def multitask_rows():
         main = precision == first
         rows += [StepRow("competent", "bucketed", precision, competent=True, peak_memory=main),
                  StepRow("competent", "bucketed", precision, compiled=True, competent=True),
-                 StepRow("mtbert", "bucketed", precision, peak_memory=main)]
+                 StepRow("mtbert", "bucketed", precision, peak_memory=main),
+                 StepRow("mtbert packed", "bucketed", precision, peak_memory=main)]
     return rows
 
 

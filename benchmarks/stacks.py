@@ -18,8 +18,12 @@ The stacks:
 - :class:`CompetentStep` -- what a competent PyTorch user writes: each task's gradient copied into
   a row of a preallocated [K, P] matrix R, PCGrad on the Gram matrix (:func:`gram_pcgrad`:
   ``G = R Rᵀ``, the K×K projection weights, ``w @ R``), ``torch.optim.AdamW(fused=True)``;
-- :class:`MtbertStep` -- mtbert's K-pass step: backward straight into the task's row of the flat
-  gradient buffer, the two-pass C++ PCGrad, ``FusedAdamW``.
+- :class:`MtbertStep` -- mtbert's K-pass step (the trainer's ``--passes per-task``): backward
+  straight into the task's row of the flat gradient buffer, the two-pass C++ PCGrad,
+  ``FusedAdamW``;
+- :class:`MtbertPackedStep` -- mtbert's one-pass step (the trainer's default ``--passes packed``):
+  the three batches in one encoder forward and one backward, each task's gradient written into its
+  row by the encoder's ops; the same PCGrad and ``FusedAdamW``.
 
 This module imports only torch and mtbert, so that tests load it by its file path
 (``importlib``) and check the check itself on a tiny model.
@@ -31,6 +35,8 @@ from collections import defaultdict
 
 import torch
 
+from mtbert.kernels import GradientSegments
+from mtbert.multitask.data import concat_inputs
 from mtbert.optim import FlatParameters, FusedAdamW, combine_reference
 
 TASKS = ("sst", "para", "sts")
@@ -209,6 +215,27 @@ class MtbertStep(_Step):
         for task in TASKS:
             with self.flat.task(task):
                 self._backward(task, batches, timer)
+        with timer("combine"):
+            self.flat.combine("pcgrad", scope="all", orders=self.orders)
+
+
+class MtbertPackedStep(MtbertStep):
+    """mtbert's one-pass step, as the trainer's ``_packed_pass``: the tasks' batches concatenated
+    (``concat_inputs``) into one forward, whose ops route each task's shared-parameter gradients
+    to its row (``GradientSegments``), and one backward of the summed losses."""
+
+    def gradients(self, batches, timer):
+        self.optimizer.zero_grad()
+        with timer("forward"):
+            inputs, offsets = concat_inputs([batches[task]["inputs"] for task in TASKS],
+                                            self.model.encoder.config.pad_token_id)
+            segments = GradientSegments(inputs["attention_mask"], offsets, self.flat.shared_row_views())
+            with segments, _autocast(self.model, self.autocast_dtype):
+                scores = self.model.forward_packed(list(TASKS), inputs, offsets)
+            loss = sum(self.model.loss(task, task_scores.float(), batches[task]["labels"])
+                       for task, task_scores in zip(TASKS, scores))
+        with timer("backward"), self.flat.own_rows():
+            loss.backward()
         with timer("combine"):
             self.flat.combine("pcgrad", scope="all", orders=self.orders)
 

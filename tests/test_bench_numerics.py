@@ -75,10 +75,11 @@ def tiny_batches(steps):
 ORDERS = [[1, 2], [2, 0], [0, 1]]
 
 
-def test_competent_and_mtbert_steps_train_identically():
+@pytest.mark.parametrize("mtbert_step", ["MtbertStep", "MtbertPackedStep"])
+def test_competent_and_mtbert_steps_train_identically(mtbert_step):
     competent_model, mtbert_model = tiny_models()
     errors = stacks.check_same_training(stacks.CompetentStep(competent_model, ORDERS),
-                                        stacks.MtbertStep(mtbert_model, ORDERS), tiny_batches(3))
+                                        getattr(stacks, mtbert_step)(mtbert_model, ORDERS), tiny_batches(3))
     assert len(errors["gradients"]) == 3 and max(errors["gradients"]) < stacks.GRADIENT_RTOL
     assert errors["update"] < stacks.UPDATE_RTOL
 
