@@ -28,13 +28,12 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 import pytest
 import torch
 import transformers
-from conftest import (AUTOCAST_DTYPES, DATA_DIR, DEVICE, PRECISIONS, REGIME_NAMES, REGIMES, padding_fraction,
+from conftest import (AUTOCAST_DTYPES, DATA_DIR, DEVICE, PRECISIONS, REGIME_NAMES, REGIMES, StepRow, padding_fraction,
                       synchronize, trainer_batches)
 
 from mtbert import BertModel, Tokenizer
@@ -54,35 +53,18 @@ GEMM_FLOPS_FORMULA = (
     "mtbert's unpadded path, B·L otherwise; h = 384, f = 1536, 6 layers; embeddings not counted.")
 
 
-@dataclass(frozen=True)
-class EncoderRow:
-    impl: str  # "transformers", "mtbert" (unpadded path) or "mtbert padded"
-    regime: str
-    precision: str
-    compiled: bool = False
-    baseline: bool = False  # the usual way: transformers on random batches
-    competent: bool = False  # the competent stack's rows; goals are against the fastest of them
-
-    @property
-    def name(self):
-        names = {"transformers": "transformers BertModel (sdpa)", "mtbert": "mtbert",
-                 "mtbert padded": "mtbert padded path"}
-        return names[self.impl] + (" + torch.compile" if self.compiled else "") + (
-            " bf16 autocast" if self.precision == "bf16" else "")
-
-    @property
-    def id(self):
-        return "-".join([self.impl.replace(" ", "_"), self.regime, self.precision] + ["compiled"] * self.compiled)
+IMPL_NAMES = {"transformers": "transformers BertModel (sdpa)", "mtbert": "mtbert",
+              "mtbert padded": "mtbert padded path"}
 
 
 def encoder_rows():
     first = PRECISIONS[0]
-    rows = [EncoderRow("transformers", "random", first, baseline=True),
-            EncoderRow("mtbert padded", "random", first), EncoderRow("mtbert", "random", first)]
+    rows = [StepRow("transformers", "random", first, baseline=True),
+            StepRow("mtbert padded", "random", first), StepRow("mtbert", "random", first)]
     for precision in PRECISIONS:
-        rows += [EncoderRow("transformers", "bucketed", precision, competent=True),
-                 EncoderRow("transformers", "bucketed", precision, compiled=True, competent=True),
-                 EncoderRow("mtbert", "bucketed", precision)]
+        rows += [StepRow("transformers", "bucketed", precision, competent=True),
+                 StepRow("transformers", "bucketed", precision, compiled=True, competent=True),
+                 StepRow("mtbert", "bucketed", precision)]
     return rows
 
 
@@ -191,7 +173,7 @@ def test_encoder_training_step(benchmark, sst_batches, row):
     real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     benchmark.group = GROUP
     benchmark.extra_info.update(
-        impl=row.name, regime=REGIME_NAMES[row.regime], precision=row.precision, baseline=row.baseline,
+        impl=row.label(IMPL_NAMES), regime=REGIME_NAMES[row.regime], precision=row.precision, baseline=row.baseline,
         competent=row.competent, items=real_tokens, item_name="tokens", padding_fraction=padding_fraction(batches),
         gemm_flops=executed_gemm_flops(batches, unpadded=row.impl == "mtbert"), gemm_flops_formula=GEMM_FLOPS_FORMULA)
     if row.compiled:
@@ -202,8 +184,8 @@ def test_encoder_training_step(benchmark, sst_batches, row):
 def interleaved(threads, regime, batches, repeats):
     torch.set_num_threads(threads)
     batches = draw_sst_batches(regime, batches)
-    rows = [EncoderRow(impl, regime, "fp32") for impl in ("transformers", "mtbert padded", "mtbert")]
-    models = {row.name: make_model(row).train() for row in rows}
+    rows = [StepRow(impl, regime, "fp32") for impl in ("transformers", "mtbert padded", "mtbert")]
+    models = {row.label(IMPL_NAMES): make_model(row).train() for row in rows}
     wall = {name: [] for name in models}
     cpu = {name: [] for name in models}
     for repeat in range(repeats + 1):  # the first pass warms up and is not counted
@@ -219,7 +201,7 @@ def interleaved(threads, regime, batches, repeats):
     print(f"{len(batches)} {regime} batches of {BATCH_SIZE} SST sentences, padding fraction "
           f"{padding_fraction(batches):.3f}, {threads} thread(s), {repeats} interleaved passes, "
           f"load average {os.getloadavg()[0]:.1f}")
-    baseline = rows[0].name
+    baseline = rows[0].label(IMPL_NAMES)
     for name in models:
         w, c = statistics.median(wall[name]), statistics.median(cpu[name])
         print(f"{name:32s} wall {w:.3f} s/step ({real / len(batches) / w:,.0f} tokens/s, "

@@ -32,14 +32,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from conftest import (AUTOCAST_DTYPES, DATA_DIR, DEVICE, PRECISIONS, REGIME_NAMES, REGIMES, padding_fraction,
-                      trainer_batches)
+from conftest import (AUTOCAST_DTYPES, DATA_DIR, DEVICE, PRECISIONS, REGIME_NAMES, REGIMES, StepRow,
+                      padding_fraction, trainer_batches)
 from stacks import TASKS, CompetentStep, MtbertPackedStep, MtbertStep, PhaseTimer, UsualStep, check_same_training
 
 from mtbert import BertModel, Tokenizer
@@ -61,26 +60,6 @@ STACK_STEPS = {"usual": UsualStep, "competent": CompetentStep, **MTBERT_STEPS}
 STACK_NAMES = {"usual": "usual stack (transformers + per-pair Python PCGrad + torch AdamW)",
                "competent": "competent stack (transformers + Gram PCGrad + AdamW fused)",
                "mtbert": "mtbert, one pass per task", "mtbert packed": "mtbert, one packed pass"}
-
-
-@dataclass(frozen=True)
-class StepRow:
-    stack: str
-    regime: str
-    precision: str
-    compiled: bool = False
-    baseline: bool = False
-    competent: bool = False
-    peak_memory: bool = False  # measured in a fresh process (about 10 s a row on the CPU)
-
-    @property
-    def name(self):
-        return STACK_NAMES.get(self.stack, self.stack) + (" + torch.compile" if self.compiled else "") + (
-            " bf16 autocast" if self.precision == "bf16" else "")
-
-    @property
-    def id(self):
-        return "-".join([self.stack.replace(" ", "_"), self.regime, self.precision] + ["compiled"] * self.compiled)
 
 
 def multitask_rows():
@@ -126,8 +105,8 @@ def build_model(stack, compiled=False, dropout=True):
 
 
 def make_step(row, orders):
-    model = build_model(row.stack, row.compiled)
-    return STACK_STEPS[row.stack](model, orders, autocast_dtype=AUTOCAST_DTYPES[row.precision])
+    model = build_model(row.impl, row.compiled)
+    return STACK_STEPS[row.impl](model, orders, autocast_dtype=AUTOCAST_DTYPES[row.precision])
 
 
 @pytest.fixture(scope="module")
@@ -174,13 +153,13 @@ def test_multitask_step(benchmark, setup, numerics, row):
     inputs = [b[task]["inputs"] for b in step_batches for task in TASKS]
     benchmark.group = GROUP + ("" if DEVICE.type == "cpu" else f" on {DEVICE.type}")
     benchmark.extra_info.update(
-        impl=row.name, regime=REGIME_NAMES[row.regime], precision=row.precision, baseline=row.baseline,
+        impl=row.label(STACK_NAMES), regime=REGIME_NAMES[row.regime], precision=row.precision, baseline=row.baseline,
         competent=row.competent, items=sum(int(x["attention_mask"].sum()) for x in inputs), item_name="tokens",
         examples=STEPS_PER_CALL * len(TASKS) * BATCH_SIZE, padding_fraction=padding_fraction(inputs))
     if row.compiled:
         benchmark.extra_info["compile_s"] = round(warmup_s, 1)
-    if row.stack in numerics and (row.regime, row.precision) == ("bucketed", "fp32"):  # what was checked
-        benchmark.extra_info["numerics"] = numerics[row.stack]
+    if row.impl in numerics and (row.regime, row.precision) == ("bucketed", "fp32"):  # what was checked
+        benchmark.extra_info["numerics"] = numerics[row.impl]
     benchmark.pedantic(steps, rounds=3 if DEVICE.type == "cpu" else 20, iterations=1)
     benchmark.extra_info["phases_ms"] = timer.medians_ms()
     if row.peak_memory:
@@ -194,7 +173,7 @@ def peak_memory_mb(row):
         torch.cuda.reset_peak_memory_stats()
         run_one_step(row)
         return torch.cuda.max_memory_allocated() / 2**20
-    out = subprocess.run([sys.executable, __file__, "--peak-memory", row.stack, "--regime", row.regime],
+    out = subprocess.run([sys.executable, __file__, "--peak-memory", row.impl, "--regime", row.regime],
                          capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 

@@ -7,6 +7,7 @@ Sizes: P = 22M parameters (all-MiniLM-L6-v2) always; 110M (BERT-base) with ``BEN
 """
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,30 @@ def trainer_batches(task, regime, count, tokenizer, pair_mode="separate", batch_
     sampler = LengthBucketSampler(lengths, batch_size, shuffle=True, bucket=regime == "bucketed", seed=seed)
     batches = sampler.batches(0)[:count]
     return [collate([examples[i] for i in batch], tokenizer, pair_mode, max_length) for batch in batches]
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """One timed row of the training-step suites: what runs (``impl``), on which batches
+    (``regime``), in which precision, whether compiled; ``baseline``: the usual way (the report's
+    first ratio); ``competent``: a competent-stack row (the second ratio is against the fastest
+    of them); ``peak_memory``: measure a training process's peak."""
+    impl: str
+    regime: str
+    precision: str
+    compiled: bool = False
+    baseline: bool = False
+    competent: bool = False
+    peak_memory: bool = False
+
+    def label(self, names):
+        """The row's name in the report; ``names`` maps ``impl`` to a description."""
+        return names.get(self.impl, self.impl) + (" + torch.compile" if self.compiled else "") + (
+            " bf16 autocast" if self.precision == "bf16" else "")
+
+    @property
+    def id(self):
+        return "-".join([self.impl.replace(" ", "_"), self.regime, self.precision] + ["compiled"] * self.compiled)
 
 
 def padding_fraction(inputs):
