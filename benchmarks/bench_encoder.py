@@ -1,148 +1,223 @@
-"""The encoder's training step (forward + backward) in tokens/s: mtbert.BertModel on its unpadded
-path, mtbert.BertModel on its padded reference path, and transformers.BertModel (its default SDPA
-attention), all with the same all-MiniLM-L6-v2 weights, on batches of 32 SST sentences drawn at
-random from ../shared/data (the real length distribution; skipped when the data is absent).
+"""The encoder's training step (forward + backward, dropout on) in real tokens/s, all with the same
+all-MiniLM-L6-v2 weights, on batches of 32 SST training sentences in two regimes (see
+``conftest.trainer_batches``): random batches padded to the longest (the CS224N starter's way)
+and the trainer's length-bucketed batches. Skipped when the data is absent.
 
-On a GPU the step runs under bfloat16 autocast and mtbert uses its Triton kernels; on the CPU it
-runs in float32 and mtbert's attention is PyTorch (see mtbert/kernels/__init__.py). Before timing,
-each implementation's output at the real tokens (eval mode) is checked against transformers.
+Rows (one table; ratios by tokens/s, so rows on different batches compare):
+
+- the usual way: ``transformers.BertModel`` (SDPA attention) on random batches -- the baseline;
+  mtbert's padded reference path and mtbert on the same random batches;
+- the competent stack: ``transformers.BertModel`` (SDPA) on the bucketed batches, eager and under
+  ``torch.compile(dynamic=True)`` (compiled once before timing); mtbert on the same batches;
+- bf16 (a CPU with AVX-512-BF16 or AMX, or a GPU): the competent rows under bf16 autocast, and
+  mtbert's bf16 row (:func:`make_mtbert`).
+
+Each row records the GEMM FLOPs it executes (:func:`executed_gemm_flops`, formula in
+``GEMM_FLOPS_FORMULA``), put by the report against the matrix-multiply rate of the same run
+(``test_matmul_rate``: a 2048³ product and the encoder's own GEMM shapes, per dtype). Before
+timing, each eager row's output at the real tokens (eval mode) is checked against transformers'.
 
     pytest benchmarks/bench_encoder.py -o python_files='bench_*.py' [--benchmark-json=out.json]
-    python benchmarks/bench_encoder.py [--threads 1] [--batches 4] [--repeats 3]
+    python benchmarks/bench_encoder.py [--threads 1] [--regime random] [--batches 4] [--repeats 3]
 
-The second form interleaves the implementations batch by batch (robust to a machine whose load
-drifts, as a shared one does) and prints median wall and process CPU seconds per step and ratios.
+The second form interleaves the eager rows batch by batch (robust to a machine whose load drifts,
+as a shared one does) and prints median wall and process CPU seconds per step and ratios.
 """
 import argparse
 import os
-import random
 import statistics
 import sys
 import time
-from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
 import transformers
-from conftest import DEVICE, synchronize
+from conftest import (AUTOCAST_DTYPES, DATA_DIR, DEVICE, PRECISIONS, REGIME_NAMES, REGIMES, StepRow, padding_fraction,
+                      synchronize, trainer_batches)
 
 from mtbert import BertModel, Tokenizer
-from mtbert.multitask.data import load_task_file
 from mtbert.pretrained import resolve_model_dir
 
-DATA_DIR = Path(os.environ.get("MTBERT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 BATCH_SIZE = 32
 BATCHES_PER_CALL = 3 if DEVICE.type == "cpu" else 8
-IMPLEMENTATIONS = ["transformers BertModel (sdpa)", "mtbert padded", "mtbert unpadded"]
-AUTOCAST_DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else None
+MODEL = "all-MiniLM-L6-v2"
+# Tokens of a GEMM row of the matrix-multiply probe: about 32 sentences × 32 tokens.
+PROBE_TOKENS = 1024
+GROUP = f"encoder train step MiniLM-L6, {BATCHES_PER_CALL} batches of {BATCH_SIZE} SST sentences"
+GEMM_FLOPS_FORMULA = (
+    "GEMM FLOP per batch = 3 × [n_layers × (2·T·h·(4h + 2f) + 4·h·Σ_b L²) + 2·B·h²]: the four h×h "
+    "projections and the two FFN products on T tokens, attention's QKᵀ and PV on each of the B "
+    "sequences padded to the batch's length L (every implementation here runs attention padded), "
+    "the pooler; 3× = forward + backward (two products per forward product). T = real tokens for "
+    "mtbert's unpadded path, B·L otherwise; h = 384, f = 1536, 6 layers; embeddings not counted.")
 
 
-def draw_sst_batches(count, seed=0):
-    """``count`` batches of BATCH_SIZE SST train sentences drawn at random, tokenized, on DEVICE."""
-    path = DATA_DIR / "ids-sst-train.csv"
-    sentences = [example.texts[0] for example in load_task_file("sst", path).examples]
-    tokenizer = Tokenizer.from_pretrained("all-MiniLM-L6-v2")
-    rng = random.Random(seed)
-    batches = [tokenizer(rng.sample(sentences, BATCH_SIZE)) for _ in range(count)]
-    return [{key: value.to(DEVICE) for key, value in batch.items()} for batch in batches]
+IMPL_NAMES = {"transformers": "transformers BertModel (sdpa)", "mtbert": "mtbert",
+              "mtbert padded": "mtbert padded path"}
+
+
+def encoder_rows():
+    first = PRECISIONS[0]
+    rows = [StepRow("transformers", "random", first, baseline=True),
+            StepRow("mtbert padded", "random", first), StepRow("mtbert", "random", first)]
+    for precision in PRECISIONS:
+        rows += [StepRow("transformers", "bucketed", precision, competent=True),
+                 StepRow("transformers", "bucketed", precision, compiled=True, competent=True),
+                 StepRow("mtbert", "bucketed", precision)]
+    return rows
+
+
+ROWS = encoder_rows()
+
+
+def draw_sst_batches(regime, count, seed=0):
+    """``count`` batches of BATCH_SIZE SST train sentences in ``regime``, tokenized, on DEVICE."""
+    tokenizer = Tokenizer.from_pretrained(MODEL)
+    batches = trainer_batches("sst", regime, count, tokenizer, batch_size=BATCH_SIZE, seed=seed)
+    return [{key: value.to(DEVICE) for key, value in batch["inputs"].items()} for batch in batches]
 
 
 @pytest.fixture(scope="module")
 def sst_batches():
     if not (DATA_DIR / "ids-sst-train.csv").is_file():
         pytest.skip(f"SST data not found in {DATA_DIR} (set MTBERT_DATA)")
-    return draw_sst_batches(BATCHES_PER_CALL)
+    return {regime: draw_sst_batches(regime, BATCHES_PER_CALL) for regime in REGIMES}
 
 
-def make_model(impl):
-    if impl.startswith("transformers"):
-        model = transformers.BertModel.from_pretrained(str(resolve_model_dir("all-MiniLM-L6-v2")),
-                                                       attn_implementation="sdpa")
-    else:
-        model = BertModel.from_pretrained("all-MiniLM-L6-v2")
-        model.unpad = impl.endswith("unpadded")
+def make_transformers():
+    return transformers.BertModel.from_pretrained(str(resolve_model_dir(MODEL)), attn_implementation="sdpa").to(DEVICE)
+
+
+def make_mtbert(impl, precision):
+    """mtbert's encoder for a row. bf16: the model as it is, run under autocast like the
+    transformers rows (it works under CPU autocast). Section 2's CPU bf16 path (``--bf16``) plugs
+    in here when it needs more than autocast."""
+    model = BertModel.from_pretrained(MODEL)
+    model.unpad = impl == "mtbert"
     return model.to(DEVICE)
 
 
-def training_step(model, batch):
-    model.zero_grad(set_to_none=True)
-    out = forward(model, batch)
-    # Every output position and the pooler receive a gradient, as in fine-tuning.
-    (out.last_hidden_state.float().square().mean() + out.pooler_output.float().sum()).backward()
+def make_model(row):
+    model = make_transformers() if row.impl == "transformers" else make_mtbert(row.impl, row.precision)
+    if row.compiled:
+        model.compile(dynamic=True)
+    return model
 
 
-def forward(model, batch):
-    with torch.autocast(DEVICE.type, dtype=AUTOCAST_DTYPE, enabled=AUTOCAST_DTYPE is not None):
+def forward(model, batch, precision):
+    dtype = AUTOCAST_DTYPES[precision]
+    with torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype is not None):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      token_type_ids=batch["token_type_ids"])
 
 
-def test_padding_fraction(sst_batches):
-    """Not timed: records how much of a padded batch is padding (printed with -s)."""
-    real = sum(int(b["attention_mask"].sum()) for b in sst_batches)
-    total = sum(b["attention_mask"].numel() for b in sst_batches)
-    print(f"\nSST batches of {BATCH_SIZE}: {real} real tokens of {total}, padding fraction {1 - real / total:.3f}")
+def training_step(model, batch, precision):
+    model.zero_grad(set_to_none=True)
+    out = forward(model, batch, precision)
+    # Every output position and the pooler receive a gradient, as in fine-tuning.
+    (out.last_hidden_state.float().square().mean() + out.pooler_output.float().sum()).backward()
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_encoder_training_step(benchmark, sst_batches, impl):
-    model = make_model(impl).eval()
-    reference = make_model(IMPLEMENTATIONS[0]).eval()
+def executed_gemm_flops(batches, unpadded, hidden=384, ffn=1536, layers=6):
+    """GEMM FLOPs of the training steps on ``batches`` (see GEMM_FLOPS_FORMULA)."""
+    total = 0
+    for batch in batches:
+        B, L = batch["attention_mask"].shape
+        tokens = int(batch["attention_mask"].sum()) if unpadded else B * L
+        per_layer = 2 * tokens * hidden * (4 * hidden + 2 * ffn) + 4 * hidden * B * L * L
+        total += 3 * (layers * per_layer + 2 * B * hidden * hidden)
+    return total
+
+
+def check_outputs(model, batches, precision):
+    """Eval-mode outputs at the real tokens equal transformers' in fp32."""
+    reference = make_transformers().eval()
+    model.eval()
     # bfloat16 keeps ~3 significant digits per op; six layers of them drift by about a percent.
-    tol = dict(atol=1e-4, rtol=0) if AUTOCAST_DTYPE is None else dict(atol=0.1, rtol=0.05)
+    tol = dict(atol=1e-4, rtol=0) if precision == "fp32" else dict(atol=0.1, rtol=0.05)
     with torch.no_grad():
-        for batch in sst_batches:
+        for batch in batches:
             keep = batch["attention_mask"].bool()
-            torch.testing.assert_close(forward(model, batch).last_hidden_state[keep].float(),
-                                       forward(reference, batch).last_hidden_state[keep].float(), **tol)
-    del reference
+            torch.testing.assert_close(forward(model, batch, precision).last_hidden_state[keep].float(),
+                                       forward(reference, batch, "fp32").last_hidden_state[keep].float(), **tol)
+    model.train()
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("shape", [(2048, 2048, 2048), (PROBE_TOKENS, 384, 384), (PROBE_TOKENS, 384, 1536),
+                                   (PROBE_TOKENS, 1536, 384), (384, PROBE_TOKENS, 1536)],
+                         ids=["2048^3", "qkv-out", "ffn-up", "ffn-down", "weight-grad"])
+def test_matmul_rate(benchmark, matmul_probe, shape, precision):
+    """The reference matrix-multiply rate: a large square product and the encoder's GEMM shapes
+    (T = PROBE_TOKENS tokens; the last is a weight gradient, dW = dYᵀ X)."""
+    matmul_probe(benchmark, *shape, precision)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])
+def test_encoder_training_step(benchmark, sst_batches, row):
+    batches = sst_batches[row.regime]
+    model = make_model(row)
+    if not row.compiled:  # a compiled row runs the same model; compiling it in eval mode costs a second graph
+        check_outputs(model, batches, row.precision)
     model.train()
 
     def steps():
-        for batch in sst_batches:
-            training_step(model, batch)
+        for batch in batches:
+            training_step(model, batch, row.precision)
         synchronize()
 
-    real_tokens = sum(int(b["attention_mask"].sum()) for b in sst_batches)
-    padded_tokens = sum(b["attention_mask"].numel() for b in sst_batches)
-    benchmark.group = f"encoder train step MiniLM-L6 {BATCHES_PER_CALL}x{BATCH_SIZE} SST" + (
-        " bf16" if AUTOCAST_DTYPE else " fp32")
-    benchmark.extra_info.update(impl=impl, baseline=impl == IMPLEMENTATIONS[0], items=real_tokens,
-                                item_name="tokens", padding_fraction=1 - real_tokens / padded_tokens)
+    start = time.perf_counter()
+    steps()  # warm-up; compiles a compiled row (shapes marked dynamic: once for every batch length)
+    warmup_s = time.perf_counter() - start
+    real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    benchmark.group = GROUP
+    benchmark.extra_info.update(
+        impl=row.label(IMPL_NAMES), regime=REGIME_NAMES[row.regime], precision=row.precision, baseline=row.baseline,
+        competent=row.competent, items=real_tokens, item_name="tokens", padding_fraction=padding_fraction(batches),
+        gemm_flops=executed_gemm_flops(batches, unpadded=row.impl == "mtbert"), gemm_flops_formula=GEMM_FLOPS_FORMULA)
+    if row.compiled:
+        benchmark.extra_info["compile_s"] = round(warmup_s, 1)
     benchmark.pedantic(steps, rounds=5 if DEVICE.type == "cpu" else 20, iterations=1, warmup_rounds=1)
 
 
-def interleaved(threads, batches, repeats):
+def interleaved(threads, regime, batches, repeats):
     torch.set_num_threads(threads)
-    batches = draw_sst_batches(batches)
-    models = {impl: make_model(impl).train() for impl in IMPLEMENTATIONS}
-    wall = {impl: [] for impl in IMPLEMENTATIONS}
-    cpu = {impl: [] for impl in IMPLEMENTATIONS}
+    batches = draw_sst_batches(regime, batches)
+    rows = [StepRow(impl, regime, "fp32") for impl in ("transformers", "mtbert padded", "mtbert")]
+    models = {row.label(IMPL_NAMES): make_model(row).train() for row in rows}
+    wall = {name: [] for name in models}
+    cpu = {name: [] for name in models}
     for repeat in range(repeats + 1):  # the first pass warms up and is not counted
         for batch in batches:
-            for impl, model in models.items():
+            for name, model in models.items():
                 start_wall, start_cpu = time.perf_counter(), time.process_time()
-                training_step(model, batch)
+                training_step(model, batch, "fp32")
                 synchronize()
                 if repeat:
-                    wall[impl].append(time.perf_counter() - start_wall)
-                    cpu[impl].append(time.process_time() - start_cpu)
+                    wall[name].append(time.perf_counter() - start_wall)
+                    cpu[name].append(time.process_time() - start_cpu)
     real = sum(int(b["attention_mask"].sum()) for b in batches)
-    total = sum(b["attention_mask"].numel() for b in batches)
-    print(f"{len(batches)} batches of {BATCH_SIZE} SST sentences, padding fraction {1 - real / total:.3f}, "
-          f"{threads} thread(s), {repeats} interleaved passes, load average {os.getloadavg()[0]:.1f}")
-    baseline = IMPLEMENTATIONS[0]
-    for impl in IMPLEMENTATIONS:
-        w, c = statistics.median(wall[impl]), statistics.median(cpu[impl])
-        print(f"{impl:32s} wall {w:.3f} s/step ({real / len(batches) / w:,.0f} tokens/s, "
+    print(f"{len(batches)} {regime} batches of {BATCH_SIZE} SST sentences, padding fraction "
+          f"{padding_fraction(batches):.3f}, {threads} thread(s), {repeats} interleaved passes, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    baseline = rows[0].label(IMPL_NAMES)
+    for name in models:
+        w, c = statistics.median(wall[name]), statistics.median(cpu[name])
+        print(f"{name:32s} wall {w:.3f} s/step ({real / len(batches) / w:,.0f} tokens/s, "
               f"{statistics.median(wall[baseline]) / w:.2f}x)  cpu {c:.3f} s/step "
               f"({statistics.median(cpu[baseline]) / c:.2f}x)")
 
 
-if __name__ == "__main__":
+def main(argv: Optional[list] = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--regime", choices=REGIMES, default="random")
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    sys.exit(interleaved(args.threads, args.batches, args.repeats))
+    args = parser.parse_args(argv)
+    interleaved(args.threads, args.regime, args.batches, args.repeats)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,236 +1,195 @@
-"""One step of the paper's multitask training, the usual stack against mtbert, on the same
-weights (all-MiniLM-L6-v2) and the same batches.
+"""One step of the paper's multitask training, the usual stack and the competent stack against
+mtbert, on the same weights (all-MiniLM-L6-v2) with the checkpoint's dropout (0.1).
 
 A step: a batch of 32 from each of SST, Quora and STS (pairs encoded as two sentences, SBERT
-heads), three forward/backward passes, PCGrad over the task gradients, an AdamW update.
+heads), three forward/backward passes, PCGrad over the whole parameter vector, an AdamW update.
+The stacks are in ``stacks.py``. Batches in two regimes (``conftest.trainer_batches``): random
+batches padded to the longest, and the trainer's length-bucketed batches.
 
-1. the usual stack: ``transformers.BertModel`` (its default SDPA attention) on padded batches;
-   per-task ``backward`` whose gradients are cloned and flattened with ``torch.cat``; the per-pair
-   Python PCGrad of the public Pytorch-PCGrad (clone + ``torch.dot``); ``torch.optim.AdamW``.
-2. mtbert: ``mtbert.BertModel`` (unpadded; Triton kernels on a GPU); backward straight into the
-   task's row of the flat gradient buffer; the two-pass C++ PCGrad; ``FusedAdamW``.
+Rows (one table; ratios by real tokens/s, so rows on different batches compare):
 
-Both run PCGrad over the whole parameter vector with the same projection order and the torch
-AdamW formula, so with dropout off they must produce the same update; that is checked before
-anything is timed. Each row also records where its time goes (forward, backward, gradient
-combination, optimizer) and, in a separate process, the peak memory of a training process.
+- the usual stack on random batches -- the baseline: ``transformers.BertModel`` (SDPA), per-pair
+  Python PCGrad, ``torch.optim.AdamW`` defaults; mtbert's K-pass step on the same batches;
+- the competent stack on bucketed batches: ``transformers.BertModel`` (SDPA), Gram-matrix PCGrad in
+  plain torch, ``torch.optim.AdamW(fused=True)``, eager and with the encoder under
+  ``torch.compile(dynamic=True)`` (compiled once before timing); mtbert's K-pass and one-pass
+  (packed) steps on the same batches;
+- bf16 (a CPU with AVX-512-BF16 or AMX, or a GPU): the competent rows under bf16 autocast, and
+  mtbert's bf16 row (see ``MTBERT_STEPS``).
+
+Before anything is timed, the competent stack and each mtbert step train 3 steps from the same weights on
+the same bucketed batches: their combined gradients must agree to 1e-4 (relative, in norm) at
+every step and their parameter changes to 1e-3 (``stacks.check_same_training``); the errors are
+recorded with mtbert's rows. Each row also records where its time goes (forward, backward,
+gradient combination, optimizer) and, for the main rows, the peak memory of a training process
+(measured in a separate process).
 
     pytest benchmarks/bench_multitask_step.py -o python_files='bench_*.py'
-    python benchmarks/bench_multitask_step.py --peak-memory usual|mtbert   # one process's peak
+    python benchmarks/bench_multitask_step.py --peak-memory STACK --regime REGIME   # one process's peak
 """
 import argparse
-import contextlib
-import copy
-import os
-import random
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from conftest import (AUTOCAST_DTYPES, DATA_DIR, DEVICE, PRECISIONS, REGIME_NAMES, REGIMES, StepRow,
+                      padding_fraction, trainer_batches)
+from stacks import TASKS, CompetentStep, MtbertPackedStep, MtbertStep, PhaseTimer, UsualStep, check_same_training
 
 from mtbert import BertModel, Tokenizer
-from mtbert.multitask.data import collate, load_task_file, write_synthetic_data
+from mtbert.multitask.data import write_synthetic_data
 from mtbert.multitask.model import MultitaskBert
-from mtbert.optim import FlatParameters, FusedAdamW, combine_reference, pcgrad_orders
+from mtbert.optim import pcgrad_orders
 
-TASKS = ("sst", "para", "sts")
-TRAIN_FILES = {"sst": "ids-sst-train.csv", "para": "quora-train.csv", "sts": "sts-train.csv"}
 BATCH_SIZE = 32
-LR, WEIGHT_DECAY, EPS = 1e-5, 0.01, 1e-8
 MODEL = "all-MiniLM-L6-v2"
-DATA_DIR = Path(os.environ.get("MTBERT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+STEPS_PER_CALL = 2  # different batches each: one bucketed batch's length is not the distribution's
+CHECKED_STEPS = 3
+GROUP = f"multitask step (3 tasks × {BATCH_SIZE}, PCGrad, AdamW), {STEPS_PER_CALL} steps per call"
+
+# mtbert's steps by name: the one-pass step (the trainer's default) and the K-pass step. A CPU
+# bf16 path that needs more than autocast plugs in here as a further entry with the same
+# gradients/update interface, with its rows in multitask_rows().
+MTBERT_STEPS = {"mtbert": MtbertStep, "mtbert packed": MtbertPackedStep}
+STACK_STEPS = {"usual": UsualStep, "competent": CompetentStep, **MTBERT_STEPS}
+STACK_NAMES = {"usual": "usual stack (transformers + per-pair Python PCGrad + torch AdamW)",
+               "competent": "competent stack (transformers + Gram PCGrad + AdamW fused)",
+               "mtbert": "mtbert, one pass per task", "mtbert packed": "mtbert, one packed pass"}
 
 
-def draw_batches(tokenizer, seed=0):
-    """One batch of 32 per task, drawn at random from the real training files (synthetic files of
-    the same format when ../shared/data is absent), so lengths follow the real distribution."""
-    data_dir = DATA_DIR
-    if not data_dir.is_dir():
-        data_dir = write_synthetic_data(Path(tempfile.mkdtemp()) / "data")
-    rng = random.Random(seed)
-    batches = {}
-    for task in TASKS:
-        examples = load_task_file(task, data_dir / TRAIN_FILES[task]).examples
-        batch = collate(rng.sample(examples, BATCH_SIZE), tokenizer, "separate")
-        batches[task] = {"inputs": {k: v.to(DEVICE) for k, v in batch["inputs"].items()},
-                         "labels": batch["labels"].to(DEVICE)}
-    return batches
+def multitask_rows():
+    first = PRECISIONS[0]
+    rows = [StepRow("usual", "random", first, baseline=True, peak_memory=True), StepRow("mtbert", "random", first)]
+    for precision in PRECISIONS:
+        main = precision == first
+        rows += [StepRow("competent", "bucketed", precision, competent=True, peak_memory=main),
+                 StepRow("competent", "bucketed", precision, compiled=True, competent=True),
+                 StepRow("mtbert", "bucketed", precision, peak_memory=main),
+                 StepRow("mtbert packed", "bucketed", precision, peak_memory=main)]
+    return rows
 
 
-def build_model(stack):
-    """MultitaskBert with dropout off; its encoder is transformers' for the usual stack."""
-    if stack == "usual":
-        encoder = transformers.BertModel.from_pretrained(
-            BertModel.from_pretrained(MODEL).model_dir, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+ROWS = multitask_rows()
+
+
+def draw_step_batches(regime, steps, tokenizer, seed=0):
+    """``steps`` dicts {task: batch} of the trainer's batches in ``regime`` (from the real training
+    files; from synthetic files of the same format when the data is absent), on DEVICE."""
+    data_dir = DATA_DIR if DATA_DIR.is_dir() else write_synthetic_data(Path(tempfile.mkdtemp()) / "data")
+    per_task = {task: trainer_batches(task, regime, steps, tokenizer, batch_size=BATCH_SIZE, data_dir=data_dir,
+                                      seed=seed) for task in TASKS}
+    return [{task: {"inputs": {k: v.to(DEVICE) for k, v in per_task[task][step]["inputs"].items()},
+                    "labels": per_task[task][step]["labels"].to(DEVICE)} for task in TASKS} for step in range(steps)]
+
+
+def build_model(stack, compiled=False, dropout=True):
+    """MultitaskBert; its encoder is transformers' for the usual and competent stacks. ``dropout``:
+    the checkpoint's (0.1, as in training; the timed rows, and the same compiled encoder graph as
+    bench_encoder.py's) or off (the numerics check)."""
+    off = {} if dropout else dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if stack in ("usual", "competent"):
+        encoder = transformers.BertModel.from_pretrained(BertModel.from_pretrained(MODEL).model_dir, **off)
     else:
-        encoder = BertModel.from_pretrained(MODEL, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)  # the same fresh heads on both sides
-    return MultitaskBert(encoder, para_head="sbert", sts_head="sbert", sts_loss="mse", dropout=0.0).to(DEVICE).train()
+        encoder = BertModel.from_pretrained(MODEL, **off)
+    torch.manual_seed(0)  # the same fresh heads on every side
+    model = MultitaskBert(encoder, para_head="sbert", sts_head="sbert", sts_loss="mse",
+                          dropout=None if dropout else 0.0).to(DEVICE).train()
+    if compiled:
+        model.encoder.compile(dynamic=True)
+    return model
 
 
-class PhaseTimer:
-    """Wall time per phase of a step (synchronising a GPU at each boundary)."""
-
-    def __init__(self):
-        self.times = defaultdict(list)
-        self.current = defaultdict(float)
-
-    @contextlib.contextmanager
-    def __call__(self, phase):
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        yield
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize()
-        self.current[phase] += time.perf_counter() - start
-
-    def end_step(self):
-        for phase, seconds in self.current.items():
-            self.times[phase].append(seconds)
-        self.current.clear()
-
-    def medians_ms(self):
-        return {phase: round(statistics.median(t) * 1e3, 2) for phase, t in self.times.items()}
-
-
-class UsualStep:
-    """The usual stack's step: clone + flatten per task, per-pair Python PCGrad, torch AdamW."""
-
-    def __init__(self, model, orders):
-        self.model, self.orders = model, orders
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        for p in self.params:
-            p.grad = torch.zeros_like(p)
-        self.optimizer = torch.optim.AdamW(self.params, lr=LR, eps=EPS, weight_decay=WEIGHT_DECAY)
-
-    def __call__(self, batches, timer):
-        task_grads = []
-        for task in TASKS:
-            self.optimizer.zero_grad(set_to_none=False)
-            with timer("forward"):
-                loss = self.model.loss(task, self.model(task, batches[task]["inputs"]), batches[task]["labels"])
-            with timer("backward"):
-                loss.backward()
-            with timer("combine"):
-                task_grads.append(torch.cat([p.grad.flatten() for p in self.params]))
-        with timer("combine"):
-            combined = combine_reference(torch.stack(task_grads), "pcgrad", orders=self.orders, dtype=torch.float32)
-            offset = 0
-            for p in self.params:
-                p.grad.copy_(combined[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
-        with timer("optimizer"):
-            self.optimizer.step()
-
-
-class MtbertStep:
-    """mtbert's step: backward into flat gradient rows, C++ PCGrad, FusedAdamW."""
-
-    def __init__(self, model, orders):
-        self.model, self.orders = model, orders
-        self.flat = FlatParameters(shared=model.encoder.parameters(),
-                                   tasks={task: model.heads[task].parameters() for task in TASKS})
-        self.optimizer = FusedAdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=WEIGHT_DECAY, formula="torch")
-
-    def __call__(self, batches, timer):
-        self.optimizer.zero_grad()
-        for task in TASKS:
-            with self.flat.task(task):
-                with timer("forward"):
-                    loss = self.model.loss(task, self.model(task, batches[task]["inputs"]), batches[task]["labels"])
-                with timer("backward"):
-                    loss.backward()
-        with timer("combine"):
-            self.flat.combine("pcgrad", scope="all", orders=self.orders)
-        with timer("optimizer"):
-            self.optimizer.step()
-
-
-STEPS = {"usual": UsualStep, "mtbert": MtbertStep}
-
-
-def parameter_vector(model):
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
+def make_step(row, orders):
+    model = build_model(row.impl, row.compiled)
+    return STACK_STEPS[row.impl](model, orders, autocast_dtype=AUTOCAST_DTYPES[row.precision])
 
 
 @pytest.fixture(scope="module")
 def setup():
     tokenizer = Tokenizer.from_pretrained(MODEL)
-    batches = draw_batches(tokenizer)
+    batches = {regime: draw_step_batches(regime, max(STEPS_PER_CALL, CHECKED_STEPS), tokenizer) for regime in REGIMES}
     orders = pcgrad_orders(len(TASKS), torch.Generator().manual_seed(0))
     return batches, orders
 
 
-def test_both_stacks_make_the_same_update(setup):
-    """One step from the same weights: the combined gradients and the updated parameters agree."""
+@pytest.fixture(scope="module")
+def numerics(setup):
+    """The competent stack and mtbert (fp32) train CHECKED_STEPS steps identically; the errors."""
     batches, orders = setup
-    before, after = {}, {}
-    for stack, step_cls in STEPS.items():
-        model = build_model(stack)
-        step = step_cls(model, orders)
-        before[stack] = parameter_vector(model)
-        step(batches, PhaseTimer())
-        after[stack] = parameter_vector(model)
-    torch.testing.assert_close(before["mtbert"], before["usual"], rtol=0, atol=0)
-    delta_mtbert, delta_usual = after["mtbert"] - before["mtbert"], after["usual"] - before["usual"]
-    error = (delta_mtbert - delta_usual).norm() / delta_usual.norm()
-    # Adam's first step is ~lr·sign(g): elements whose gradient is rounding noise may flip sign,
-    # so the update is compared as a whole (relative norm) as well as element-wise.
-    assert error < 1e-2, f"updates differ: relative error {error:.2e}"
-    torch.testing.assert_close(after["mtbert"], after["usual"], rtol=0, atol=2.5 * LR)
+    return {stack: check_same_training(CompetentStep(build_model("competent", dropout=False), orders),
+                                       step_cls(build_model(stack, dropout=False), orders),
+                                       batches["bucketed"][:CHECKED_STEPS])
+            for stack, step_cls in MTBERT_STEPS.items()}
 
 
-@pytest.mark.parametrize("stack", list(STEPS))
-def test_multitask_step(benchmark, setup, stack):
+def test_competent_stack_and_mtbert_train_the_same(numerics):
+    for stack, errors in numerics.items():
+        print(f"\n{stack} vs the competent stack: combined gradients "
+              f"{', '.join(f'{e:.1e}' for e in errors['gradients'])}; parameter change after {CHECKED_STEPS} "
+              f"steps {errors['update']:.1e} (relative, in norm)")
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])
+def test_multitask_step(benchmark, setup, numerics, row):
     batches, orders = setup
-    step = STEPS[stack](build_model(stack), orders)
-    timer = PhaseTimer()
-    step(batches, timer)  # warm-up: allocations, Triton compilation
+    step_batches = batches[row.regime][:STEPS_PER_CALL]
+    step = make_step(row, orders)
     timer = PhaseTimer()
 
-    def one_step():
-        step(batches, timer)
-        timer.end_step()
+    def steps():
+        for batches_of_step in step_batches:
+            step(batches_of_step, timer)
+            timer.end_step()
 
-    rounds = 3 if DEVICE.type == "cpu" else 20
-    benchmark.group = f"multitask step (3 tasks x {BATCH_SIZE}, PCGrad, AdamW) on {DEVICE.type}"
-    benchmark.extra_info.update(impl="usual stack (transformers + Python PCGrad + torch AdamW)" if stack == "usual"
-                                else "mtbert", baseline=stack == "usual", items=len(TASKS) * BATCH_SIZE,
-                                item_name="examples")
-    benchmark.pedantic(one_step, rounds=rounds, iterations=1)
+    start = time.perf_counter()
+    steps()  # warm-up: allocations, optimizer state, compilation of a compiled row, Triton kernels
+    warmup_s = time.perf_counter() - start
+    timer = PhaseTimer()
+    inputs = [b[task]["inputs"] for b in step_batches for task in TASKS]
+    benchmark.group = GROUP + ("" if DEVICE.type == "cpu" else f" on {DEVICE.type}")
+    benchmark.extra_info.update(
+        impl=row.label(STACK_NAMES), regime=REGIME_NAMES[row.regime], precision=row.precision, baseline=row.baseline,
+        competent=row.competent, items=sum(int(x["attention_mask"].sum()) for x in inputs), item_name="tokens",
+        examples=STEPS_PER_CALL * len(TASKS) * BATCH_SIZE, padding_fraction=padding_fraction(inputs))
+    if row.compiled:
+        benchmark.extra_info["compile_s"] = round(warmup_s, 1)
+    if row.impl in numerics and (row.regime, row.precision) == ("bucketed", "fp32"):  # what was checked
+        benchmark.extra_info["numerics"] = numerics[row.impl]
+    benchmark.pedantic(steps, rounds=3 if DEVICE.type == "cpu" else 20, iterations=1)
     benchmark.extra_info["phases_ms"] = timer.medians_ms()
-    benchmark.extra_info["peak_memory_mb"] = peak_memory_mb(stack)
+    if row.peak_memory:
+        benchmark.extra_info["peak_memory_mb"] = peak_memory_mb(row)
 
 
-def peak_memory_mb(stack):
-    """Peak memory of a training process doing this step: on a GPU the allocator's peak in
+def peak_memory_mb(row):
+    """Peak memory of a training process doing this row's step: on a GPU the allocator's peak in
     this process; on the CPU the peak resident size of a fresh process (model loading included)."""
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        step = STEPS[stack](build_model(stack), pcgrad_orders(len(TASKS)))
-        step(draw_batches(Tokenizer.from_pretrained(MODEL)), PhaseTimer())
+        run_one_step(row)
         return torch.cuda.max_memory_allocated() / 2**20
-    out = subprocess.run([sys.executable, __file__, "--peak-memory", stack], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, __file__, "--peak-memory", row.impl, "--regime", row.regime],
+                         capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def run_one_step(row):
+    step = make_step(row, pcgrad_orders(len(TASKS)))
+    # The optimizer state is allocated in the first step: one step reaches the peak.
+    step(draw_step_batches(row.regime, 1, Tokenizer.from_pretrained(MODEL))[0], PhaseTimer())
+
+
 def main():
-    parser = argparse.ArgumentParser(description="Peak memory of one process running training steps.")
-    parser.add_argument("--peak-memory", choices=list(STEPS), required=True)
+    parser = argparse.ArgumentParser(description="Peak memory of one process running a training step.")
+    parser.add_argument("--peak-memory", choices=list(STACK_STEPS), required=True)
+    parser.add_argument("--regime", choices=REGIMES, default="bucketed")
     args = parser.parse_args()
-    step = STEPS[args.peak_memory](build_model(args.peak_memory), pcgrad_orders(len(TASKS)))
-    batches = draw_batches(Tokenizer.from_pretrained(MODEL))
-    step(batches, PhaseTimer())  # the optimizer state is allocated here: one step reaches the peak
+    run_one_step(StepRow(args.peak_memory, args.regime, "fp32"))
     # VmHWM, not getrusage's ru_maxrss: the latter survives fork+exec, so it would report the
     # high-water mark of the pytest process that started this one.
     status = Path("/proc/self/status").read_text()

@@ -1,15 +1,104 @@
-"""Shared benchmark fixtures: machine facts for the report, the sizes to run, and the memory
-bandwidth probe (a STREAM-triad-like kernel) that GB/s figures are put against in the same run.
+"""Shared benchmark fixtures: machine facts for the report (CPU model and ISA), the sizes to run,
+the training batches of both regimes, and the two probes that rates are put against in the same
+run: memory bandwidth (a STREAM-triad-like kernel) for GB/s figures, matrix-multiply rate per
+dtype for GEMM FLOP/s figures.
 
 Sizes: P = 22M parameters (all-MiniLM-L6-v2) always; 110M (BERT-base) with ``BENCH_FULL=1``.
 """
 import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 
+from mtbert.multitask.data import DEFAULT_FILES, LengthBucketSampler, collate, example_lengths, load_task_file
+from mtbert.multitask.trainer import TrainConfig
+
 FULL = os.environ.get("BENCH_FULL") == "1"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DATA_DIR = Path(os.environ.get("MTBERT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+# The two batch regimes of the encoder and multitask suites.
+REGIMES = ("random", "bucketed")
+REGIME_NAMES = {"random": "random batches, padded to the longest",
+                "bucketed": "length-bucketed batches (the trainer's)"}
+# Examples drawn from each training file before batching: one pool of the trainer's sampler
+# (pool_batches = 50 batches of 32), so a bucketed batch is as tight as the trainer's.
+POOL_EXAMPLES = 50 * 32
+
+
+def trainer_batches(task, regime, count, tokenizer, pair_mode="separate", batch_size=32, data_dir=DATA_DIR, seed=0):
+    """``count`` batches of ``task``'s training examples built as the trainer builds them: its
+    sampler (:class:`LengthBucketSampler`, seeded), ``example_lengths`` and ``collate`` at the
+    trainer's ``max_length``. ``regime``: "bucketed" (the trainer's default) or "random"
+    (``bucket=False``: random batches padded to their longest, the CS224N starter's way). Both
+    regimes draw from the same seeded subset of the file."""
+    if regime not in REGIMES:
+        raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
+    max_length = TrainConfig.max_length
+    examples = load_task_file(task, Path(data_dir) / DEFAULT_FILES[(task, "train")]).examples
+    examples = random.Random(seed).sample(examples, min(POOL_EXAMPLES, len(examples)))
+    lengths = example_lengths(examples, tokenizer, max_length, pair_mode)
+    sampler = LengthBucketSampler(lengths, batch_size, shuffle=True, bucket=regime == "bucketed", seed=seed)
+    batches = sampler.batches(0)[:count]
+    return [collate([examples[i] for i in batch], tokenizer, pair_mode, max_length) for batch in batches]
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """One timed row of the training-step suites: what runs (``impl``), on which batches
+    (``regime``), in which precision, whether compiled; ``baseline``: the usual way (the report's
+    first ratio); ``competent``: a competent-stack row (the second ratio is against the fastest
+    of them); ``peak_memory``: measure a training process's peak."""
+    impl: str
+    regime: str
+    precision: str
+    compiled: bool = False
+    baseline: bool = False
+    competent: bool = False
+    peak_memory: bool = False
+
+    def label(self, names):
+        """The row's name in the report; ``names`` maps ``impl`` to a description."""
+        return names.get(self.impl, self.impl) + (" + torch.compile" if self.compiled else "") + (
+            " bf16 autocast" if self.precision == "bf16" else "")
+
+    @property
+    def id(self):
+        return "-".join([self.impl.replace(" ", "_"), self.regime, self.precision] + ["compiled"] * self.compiled)
+
+
+def padding_fraction(inputs):
+    """Fraction of the [rows, L] positions of tokenizer outputs that are padding."""
+    real = sum(int(x["attention_mask"].sum()) for x in inputs)
+    return 1.0 - real / sum(x["attention_mask"].numel() for x in inputs)
+
+
+def cpu_model_and_isa():
+    """(model name, [ISA extensions among AVX2, AVX-512, AVX-512-BF16, AMX]) from /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown", []
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    wanted = [("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX-512-BF16", "avx512_bf16"), ("AMX", "amx_bf16")]
+    return fields.get("model name", "unknown"), [name for name, flag in wanted if flag in flags]
+
+
+def cpu_has_bf16_units():
+    """Whether the CPU multiplies bf16 matrices in hardware (AVX-512-BF16 or AMX)."""
+    isa = cpu_model_and_isa()[1]
+    return "AVX-512-BF16" in isa or "AMX" in isa
+
+
+# Precisions of the encoder and multitask rows: fp32 and bf16 autocast on a CPU with bf16 units,
+# fp32 only on other CPUs, bf16 autocast on a GPU.
+PRECISIONS = ("bf16",) if DEVICE.type == "cuda" else ("fp32", "bf16") if cpu_has_bf16_units() else ("fp32",)
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def synchronize():
@@ -35,7 +124,10 @@ if FULL:
 def pytest_benchmark_update_machine_info(config, machine_info):
     import triton
 
+    cpu_model, isa = cpu_model_and_isa()
     machine_info["mtbert"] = {
+        "cpu_model": cpu_model,
+        "isa": isa,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -61,5 +153,30 @@ def triad_probe():
         benchmark.group = group
         benchmark.extra_info.update(impl="triad probe a = b + s c", bandwidth_probe=True, bytes=12 * numel)
         benchmark.pedantic(triad, rounds=15, iterations=1, warmup_rounds=2)
+
+    return run
+
+
+@pytest.fixture
+def matmul_probe():
+    """run(benchmark, m, k, n, precision): times an [m, k] @ [k, n] matrix product in the
+    precision's dtype as a row of the matrix-multiply rate (2mkn FLOP per call)."""
+
+    def run(benchmark, m: int, k: int, n: int, precision: str):
+        dtype = AUTOCAST_DTYPES[precision] or torch.float32
+        a, b = (torch.randn(shape, device=DEVICE).to(dtype) for shape in ((m, k), (k, n)))
+        out = torch.empty(m, n, device=DEVICE, dtype=dtype)
+
+        def matmul():
+            torch.matmul(a, b, out=out)
+            synchronize()
+
+        matmul()
+        tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=2e-2, atol=0.5)
+        torch.testing.assert_close(out[:64].double(), a[:64].double() @ b.double(), **tol)
+        benchmark.group = f"matrix multiply rate {precision}"
+        benchmark.extra_info.update(impl=f"{m}×{k} @ {k}×{n}", matmul_probe=True, precision=precision,
+                                    gemm_flops=2 * m * k * n)
+        benchmark.pedantic(matmul, rounds=7, iterations=1, warmup_rounds=1)
 
     return run

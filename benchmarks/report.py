@@ -10,8 +10,20 @@ Conventions the benchmark files follow so that the report can read them:
 - ``extra_info["bandwidth_probe"] = True``: a memory-bandwidth probe (STREAM-triad-like) timed in
   the same run, against which the GB/s of the other rows of the report are put;
 - ``extra_info["items"]`` and ``extra_info["item_name"]``: work per call (e.g. 96 examples), for a
-  throughput column; ``extra_info["peak_memory_mb"]`` when measured; ``extra_info["phases_ms"]``,
-  {phase: median ms}, for where a step's time goes.
+  throughput column; when two rows of a group both have items, their ratio is one of throughputs
+  (rows on different batches, e.g. random and bucketed, then compare by tokens/s);
+  ``extra_info["peak_memory_mb"]`` when measured; ``extra_info["phases_ms"]``, {phase: median ms},
+  for where a step's time goes;
+- ``extra_info["competent"] = True`` marks the competent stack's rows (e.g. eager and compiled):
+  every row gets a second ratio against the fastest competent row of its ``precision`` ("fp32",
+  "bf16"), and rows of another precision also one against the fastest fp32 competent row;
+- ``extra_info["regime"]``, ``["padding_fraction"]``, ``["precision"]``: the batches and dtype of a
+  row, shown with it; ``["compile_s"]``: the untimed warm-up that compiled a row;
+- ``extra_info["matmul_probe"] = True`` with ``["gemm_flops"]`` and ``["precision"]``: a row of the
+  matrix-multiply rate; the best such row per precision is that precision's reference rate, and
+  every row with ``gemm_flops`` gets GFLOP/s and the fraction of its precision's rate (with the
+  formula from ``["gemm_flops_formula"]`` printed under its table); ``["numerics"]``: the errors of
+  the numerics check that preceded the row.
 """
 import argparse
 import json
@@ -24,19 +36,37 @@ def load(path):
         return json.load(f)
 
 
-def machine_lines(data):
+def machine_lines(data, rates):
     info = data.get("machine_info", {})
     cpu = info.get("cpu", {})
     extra = info.get("mtbert", {})
+    isa = extra.get("isa")
     lines = [
-        f"- CPU: {cpu.get('brand_raw', info.get('processor', 'unknown'))}, "
-        f"{extra.get('cores', cpu.get('count', '?'))} cores",
+        f"- CPU: {extra.get('cpu_model') or cpu.get('brand_raw', info.get('processor', 'unknown'))}, "
+        f"{extra.get('cores', cpu.get('count', '?'))} cores"
+        + ("" if extra.get("torch_threads") is None else f", torch threads: {extra['torch_threads']}")
+        + ("" if isa is None else f"; ISA: {', '.join(isa) or 'none of AVX2, AVX-512, AVX-512-BF16, AMX'}"),
         f"- GPU: {extra.get('gpu') or 'none'}",
         f"- Python {info.get('python_version', '?')}, torch {extra.get('torch', '?')}, "
         f"triton {extra.get('triton', '?')}",
         f"- Run: {data.get('datetime', '?')}",
     ]
+    if rates:
+        lines.append("- Matrix-multiply rate, same run (best of the `matrix multiply rate` rows): " + ", ".join(
+            f"{precision} **{rate / 1e9:,.0f} GFLOP/s** ({name})" for precision, (rate, name) in rates.items()))
     return lines
+
+
+def matmul_rates(benchmarks):
+    """{precision: (best FLOP/s, the row's name)} over the matrix-multiply probe rows."""
+    rates = {}
+    for bench in benchmarks:
+        extra = bench.get("extra_info", {})
+        if extra.get("matmul_probe"):
+            rate = extra["gemm_flops"] / bench["stats"]["median"]
+            if rate > rates.get(extra["precision"], (0, None))[0]:
+                rates[extra["precision"]] = (rate, extra.get("impl", bench["name"]))
+    return rates
 
 
 def bandwidth_gbs(benchmarks):
@@ -51,8 +81,50 @@ def readable(value):
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
-def group_rows(benchmarks, probe_gbs):
-    """{group: [row dicts]} with median, ratio against the group's baseline, GB/s, throughput."""
+def speed(bench):
+    """Work per second when the row has items, else calls per second."""
+    return bench.get("extra_info", {}).get("items", 1) / bench["stats"]["median"]
+
+
+def ratio(bench, reference):
+    """How many times faster ``bench`` is than ``reference``: by throughput when both have items
+    (rows on different batches), else by median time."""
+    extra, ref_extra = bench.get("extra_info", {}), reference.get("extra_info", {})
+    if "items" in extra and "items" in ref_extra:
+        return speed(bench) / speed(reference)
+    return reference["stats"]["median"] / bench["stats"]["median"]
+
+
+def fastest_competent(members):
+    """{precision: the fastest competent row of that precision}."""
+    best = {}
+    for bench in members:
+        extra = bench.get("extra_info", {})
+        if extra.get("competent"):
+            precision = extra.get("precision", "fp32")
+            if precision not in best or speed(bench) > speed(best[precision]):
+                best[precision] = bench
+    return best
+
+
+def row_name(extra, bench):
+    name = extra.get("impl", bench["name"])
+    if "compile_s" in extra:
+        name += f" (compiled in {extra['compile_s']:.0f} s, untimed)"
+    return name
+
+
+def batches_cell(extra):
+    if "regime" not in extra:
+        return ""
+    padding = extra.get("padding_fraction")
+    return extra["regime"] + ("" if padding is None else f", {padding:.0%} padding")
+
+
+def group_rows(benchmarks, probe_gbs, rates=None):
+    """{group: [row dicts]} with median, ratios against the group's baseline and its competent
+    rows, GB/s, GEMM rate, throughput."""
+    rates = rates or {}
     groups = {}
     for bench in benchmarks:
         extra = bench.get("extra_info", {})
@@ -62,19 +134,35 @@ def group_rows(benchmarks, probe_gbs):
     table = {}
     for group, members in groups.items():
         baseline = next((b for b in members if b.get("extra_info", {}).get("baseline")), None)
+        competent = fastest_competent(members)
         rows = []
         for bench in members:
             extra = bench.get("extra_info", {})
             median = bench["stats"]["median"]
+            precision = extra.get("precision", "fp32")
             row = {
-                "name": extra.get("impl", bench["name"]),
+                "name": row_name(extra, bench),
                 "median_ms": median * 1e3,
                 "baseline": bench is baseline,
-                "ratio": baseline["stats"]["median"] / median if baseline is not None else None,
+                "ratio": ratio(bench, baseline) if baseline is not None else None,
+                "batches": batches_cell(extra),
             }
+            if "precision" in extra and not extra.get("matmul_probe"):
+                row["precision"] = precision
+            if competent:
+                cells = []
+                if precision in competent:
+                    cells.append(f"{ratio(bench, competent[precision]):.2f}×")
+                if precision != "fp32" and "fp32" in competent:
+                    cells.append(f"{ratio(bench, competent['fp32']):.2f}× vs fp32")
+                row["vs_competent"] = "; ".join(cells)
             if "bytes" in extra:
                 row["gbs"] = extra["bytes"] / median / 1e9
                 row["of_probe"] = row["gbs"] / probe_gbs if probe_gbs else None
+            if "gemm_flops" in extra:
+                row["gflops"] = extra["gemm_flops"] / median / 1e9
+                if precision in rates:
+                    row["of_rate"] = row["gflops"] * 1e9 / rates[precision][0]
             if "items" in extra:
                 row["throughput"] = f"{readable(extra['items'] / median)} {extra.get('item_name', 'items')}/s"
             if "peak_memory_mb" in extra:
@@ -86,36 +174,67 @@ def group_rows(benchmarks, probe_gbs):
     return table
 
 
-def markdown(data, table, probe_gbs, chart_name):
-    out = ["# mtbert benchmark report", "", *machine_lines(data), ""]
+def group_notes(benchmarks, group):
+    """Lines printed under a group's table: the GEMM FLOP formula, the numerics checks."""
+    notes = []
+    for bench in benchmarks:
+        extra = bench.get("extra_info", {})
+        if (bench.get("group") or bench["name"]) != group:
+            continue
+        formula = extra.get("gemm_flops_formula")
+        if formula and f"- {formula}" not in notes:
+            notes.append(f"- {formula}")
+        numerics = extra.get("numerics")
+        if numerics and not any(note.startswith(f"- Numerics, {extra.get('impl')} ") for note in notes):
+            notes.append(f"- Numerics, {extra.get('impl')} against the competent stack before timing (fp32, dropout "
+                         f"off, same batches): combined gradients differ by "
+                         f"{', '.join(f'{e:.1e}' for e in numerics['gradients'])} (relative, in norm, per step); "
+                         f"the parameter change after {len(numerics['gradients'])} steps by {numerics['update']:.1e}.")
+    return notes
+
+
+def markdown(data, table, probe_gbs, chart_name, rates=None, notes=None, caveat=None):
+    out = ["# mtbert benchmark report", ""] + ([f"**{caveat}**", ""] if caveat else []) + [
+        *machine_lines(data, rates or {}), ""]
     if probe_gbs:
         out += [f"Memory bandwidth probe (triad, same run): **{probe_gbs:.1f} GB/s**.", ""]
     out += ["Times are medians over the rounds pytest-benchmark ran; the ratio is the baseline's median "
-            "divided by the row's (above 1: faster than the baseline measured in the same run).", ""]
+            "divided by the row's (above 1: faster than the baseline measured in the same run), or the "
+            "ratio of throughputs where the rows ran on different batches. \"vs competent\": against the "
+            "fastest competent-stack row of the same precision (eager or compiled).", ""]
     if chart_name:
         out += [f"![speedups]({chart_name})", ""]
+    columns = [("batches", "batches"), ("precision", "precision"), ("vs_competent", "vs competent"),
+               ("gbs", "GB/s"), ("gflops", "GEMM GFLOP/s"), ("throughput", "throughput"), ("memory", "peak memory"),
+               ("phases", "where the time goes (ms)")]
     for group, rows in table.items():
-        has = {key: any(key in r for r in rows) for key in ("gbs", "throughput", "memory", "phases")}
-        header = ["implementation", "median (ms)", "vs baseline"]
+        has = {key: any(r.get(key) for r in rows) for key, _ in columns}
+        header = ["implementation"]
+        header += ["batches"] if has["batches"] else []
+        header += ["precision"] if has["precision"] else []
+        header += ["median (ms)", "vs baseline"]
+        header += ["vs competent"] if has["vs_competent"] else []
         header += ["GB/s", "of probe"] if has["gbs"] else []
-        header += ["throughput"] if has["throughput"] else []
-        header += ["peak memory"] if has["memory"] else []
-        header += ["where the time goes (ms)"] if has["phases"] else []
+        header += ["GEMM GFLOP/s", "of rate"] if has["gflops"] else []
+        header += [title for key, title in columns[5:] if has[key]]
         out += [f"## {group}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         for r in rows:
-            cells = [r["name"] + (" (baseline)" if r["baseline"] else ""), f"{r['median_ms']:.3f}",
-                     "—" if r["ratio"] is None else f"{r['ratio']:.2f}×"]
+            cells = [r["name"] + (" (baseline)" if r["baseline"] else "")]
+            cells += [r["batches"]] if has["batches"] else []
+            cells += [r.get("precision", "")] if has["precision"] else []
+            cells += [f"{r['median_ms']:.3f}", "—" if r["ratio"] is None else f"{r['ratio']:.2f}×"]
+            cells += [r.get("vs_competent", "")] if has["vs_competent"] else []
             if has["gbs"]:
                 cells += [f"{r['gbs']:.1f}" if "gbs" in r else "",
                           f"{r['of_probe']:.0%}" if r.get("of_probe") else ""]
-            if has["throughput"]:
-                cells.append(r.get("throughput", ""))
-            if has["memory"]:
-                cells.append(r.get("memory", ""))
-            if has["phases"]:
-                cells.append(r.get("phases", ""))
+            if has["gflops"]:
+                cells += [f"{r['gflops']:,.1f}" if "gflops" in r else "",
+                          f"{r['of_rate']:.0%}" if r.get("of_rate") else ""]
+            cells += [r.get(key, "") for key, _ in columns[5:] if has[key]]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
+        if notes and notes.get(group):
+            out += [*notes[group], ""]
     return "\n".join(out)
 
 
@@ -149,16 +268,19 @@ def bar_chart(table, path):
     return True
 
 
-def render(json_paths, out_path):
-    """Merges one or more pytest-benchmark JSON files into one report."""
+def render(json_paths, out_path, caveat=None):
+    """Merges one or more pytest-benchmark JSON files into one report; ``caveat``: a line printed
+    in bold under the title (e.g. that the machine was shared)."""
     datas = [load(p) for p in json_paths]
     benchmarks = [b for d in datas for b in d["benchmarks"]]
     probe_gbs = bandwidth_gbs(benchmarks)
-    table = group_rows(benchmarks, probe_gbs)
+    rates = matmul_rates(benchmarks)
+    table = group_rows(benchmarks, probe_gbs, rates)
+    notes = {group: group_notes(benchmarks, group) for group in table}
     out_path = Path(out_path)
     chart = out_path.with_name(out_path.stem.lower() + "_speedups.png")
     chart_name = chart.name if bar_chart(table, chart) else None
-    out_path.write_text(markdown(datas[0], table, probe_gbs, chart_name), encoding="utf-8")
+    out_path.write_text(markdown(datas[0], table, probe_gbs, chart_name, rates, notes, caveat), encoding="utf-8")
     return out_path
 
 
@@ -166,8 +288,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json file(s)")
     parser.add_argument("--out", default=str(Path(__file__).with_name("REPORT.md")))
+    parser.add_argument("--caveat", help="a line printed in bold under the title, e.g. 'shared machine, provisional'")
     args = parser.parse_args(argv)
-    print(f"wrote {render(args.json, args.out)}")
+    print(f"wrote {render(args.json, args.out, args.caveat)}")
 
 
 if __name__ == "__main__":

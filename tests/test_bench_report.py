@@ -32,3 +32,51 @@ def test_report_ratios_bandwidth_and_chart(tmp_path):
     assert "| torch.optim.AdamW (baseline) | 4.000 | 1.00× | 10.0 | 50% |" in text
     assert "96 examples/s" in text
     assert (tmp_path / "report_speedups.png").stat().st_size > 1000
+
+
+def test_report_competent_ratios_regimes_and_matmul_rate(tmp_path):
+    group = "encoder step"
+    data = {
+        "datetime": "2026-11-28T12:00:00",
+        "machine_info": {"cpu": {"brand_raw": "ignored"}, "python_version": "3.11",
+                         "mtbert": {"cpu_model": "Test EPYC", "isa": ["AVX2", "AVX-512", "AVX-512-BF16"], "cores": 2,
+                                    "gpu": None, "torch": "2.13.0", "triton": "3.9.0"}},
+        "benchmarks": [
+            # 2e9 FLOP in 0.02 s: 100 GFLOP/s fp32; 0.005 s: 400 GFLOP/s bf16 (the slower 2nd row is not the rate).
+            entry("mm32", "matrix multiply rate fp32", 0.02, impl="2048 square", matmul_probe=True, precision="fp32",
+                  gemm_flops=2e9),
+            entry("mm16", "matrix multiply rate bf16", 0.005, impl="2048 square", matmul_probe=True, precision="bf16",
+                  gemm_flops=2e9),
+            entry("mm16b", "matrix multiply rate bf16", 0.01, impl="ffn", matmul_probe=True, precision="bf16",
+                  gemm_flops=2e9),
+            # 1000 tokens in 2 s on random batches vs 800 tokens in 1 s bucketed: 0.8 / 0.5 = 1.6x by throughput.
+            entry("usual", group, 2.0, impl="transformers", regime="random", padding_fraction=0.46, precision="fp32",
+                  baseline=True, items=1000, item_name="tokens", gemm_flops=50e9, gemm_flops_formula="F = 3 x forward"),
+            entry("eager", group, 1.0, impl="transformers eager", regime="bucketed", precision="fp32", competent=True,
+                  items=800, item_name="tokens", gemm_flops=40e9, gemm_flops_formula="F = 3 x forward"),
+            entry("compiled", group, 0.8, impl="transformers compiled", regime="bucketed", precision="fp32",
+                  competent=True, items=800, item_name="tokens", compile_s=58.2),
+            entry("ours", group, 0.5, impl="mtbert", regime="bucketed", precision="fp32", items=800,
+                  item_name="tokens", gemm_flops=40e9, numerics={"gradients": [1e-7, 2e-7, 3e-7], "update": 4e-5}),
+            entry("eager16", group, 0.4, impl="transformers eager bf16", regime="bucketed", precision="bf16",
+                  competent=True, items=800, item_name="tokens"),
+            entry("ours16", group, 0.25, impl="mtbert bf16", regime="bucketed", precision="bf16", items=800,
+                  item_name="tokens", gemm_flops=40e9),
+        ],
+    }
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(data))
+    text = report.render([path], tmp_path / "REPORT.md", caveat="shared machine, provisional").read_text()
+    assert "**shared machine, provisional**" in text
+    assert "Test EPYC, 2 cores; ISA: AVX2, AVX-512, AVX-512-BF16" in text
+    assert "fp32 **100 GFLOP/s** (2048 square), bf16 **400 GFLOP/s** (2048 square)" in text
+    # Usual baseline by throughput: 500 vs 1600 tokens/s; competent: the compiled row (1000 tokens/s).
+    assert ("| transformers (baseline) | random, 46% padding | fp32 | 2000.000 | 1.00× | 0.50× | 25.0 | 25% |"
+            in text)
+    assert "| transformers compiled (compiled in 58 s, untimed) | bucketed | fp32 | 800.000 | 2.00× | 1.00× |" in text
+    assert "| mtbert | bucketed | fp32 | 500.000 | 3.20× | 1.60× | 80.0 | 80% |" in text
+    # bf16: against the bf16 competent row (2000 tokens/s) and the fp32 one (1000 tokens/s); 160 of 400 GFLOP/s.
+    assert "| mtbert bf16 | bucketed | bf16 | 250.000 | 6.40× | 1.60×; 3.20× vs fp32 | 160.0 | 40% |" in text
+    assert "| ffn | 10.000 | — | 200.0 | 50% |" in text  # the slower probe row: half the bf16 rate
+    assert "- F = 3 x forward" in text and text.count("- F = 3 x forward") == 1
+    assert "combined gradients differ by 1.0e-07, 2.0e-07, 3.0e-07" in text and "after 3 steps by 4.0e-05" in text
