@@ -36,6 +36,7 @@ from collections import defaultdict
 import torch
 
 from mtbert.kernels import GradientSegments
+from mtbert.model import hugging_face_named
 from mtbert.multitask.data import concat_inputs
 from mtbert.optim import FlatParameters, FusedAdamW, combine_reference
 
@@ -247,12 +248,13 @@ def relative_error(value, reference):
 
 
 def _by_name(model, what):
-    """{name: parameter or its gradient} of the trainable parameters (a missing gradient is zero)."""
+    """{name: parameter or its gradient} of the trainable parameters (a missing gradient is zero),
+    under Hugging Face's names (mtbert's fused QKV parameter as its query, key and value parts)."""
     out = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             value = p.grad if what == "grad" else p
-            out[name] = (torch.zeros_like(p) if value is None else value).detach()
+            out.update(hugging_face_named(name, (torch.zeros_like(p) if value is None else value).detach()))
     return out
 
 
@@ -268,9 +270,9 @@ def _aligned_vectors(reference_model, candidate_model, what):
 
 
 def _copy_parameters(source_model, target_model):
-    target = dict(target_model.named_parameters())
+    target = _by_name(target_model, "param")  # detached views: copied into in place
     with torch.no_grad():
-        for name, p in source_model.named_parameters():
+        for name, p in _by_name(source_model, "param").items():
             target[name].copy_(p)  # in place: mtbert's parameters stay views of its flat buffer
 
 

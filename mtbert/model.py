@@ -132,14 +132,25 @@ class BertSelfAttention(nn.Module):
         return self.dropout.p if self.training else 0.0
 
 
+def hugging_face_named(name, tensor):
+    """[(name, tensor)] of one of our parameters (its value or its gradient) under Hugging Face's
+    names, the names of the state dict: a fused ``qkv_weight`` / ``qkv_bias`` is three pairs, its
+    query, key and value parts (views); any other parameter is itself."""
+    prefix, fused, kind = ("." + name).rpartition(".qkv_")
+    if not fused or kind not in ("weight", "bias"):
+        return [(name, tensor)]
+    return [(f"{prefix[1:]}{'.' if prefix else ''}{part}.{kind}", piece)
+            for part, piece in zip(_QKV_NAMES, tensor.chunk(3))]
+
+
 def _split_qkv(module, state_dict, prefix, local_metadata):
     """State-dict hook: the fused parameters as Hugging Face's query/key/value weights and biases,
     in its key order (views, no copies)."""
-    weights = state_dict.pop(prefix + "qkv_weight").chunk(3)
-    biases = state_dict.pop(prefix + "qkv_bias").chunk(3)
-    for name, weight, bias in zip(_QKV_NAMES, weights, biases):
-        state_dict[prefix + f"{name}.weight"] = weight
-        state_dict[prefix + f"{name}.bias"] = bias
+    weights = hugging_face_named(prefix + "qkv_weight", state_dict.pop(prefix + "qkv_weight"))
+    biases = hugging_face_named(prefix + "qkv_bias", state_dict.pop(prefix + "qkv_bias"))
+    for (weight_name, weight), (bias_name, bias) in zip(weights, biases):
+        state_dict[weight_name] = weight
+        state_dict[bias_name] = bias
 
 
 def _fuse_qkv(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

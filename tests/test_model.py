@@ -6,6 +6,7 @@ import torch
 import transformers
 
 from mtbert import BertConfig, BertModel
+from mtbert.model import hugging_face_named
 
 ATOL = 1e-5
 GRAD_RTOL = 1e-4
@@ -48,19 +49,9 @@ def assert_outputs_match(ours, theirs, attention_mask):
 
 
 def gradients_by_hf_name(model: BertModel) -> dict:
-    """Our parameter gradients under Hugging Face's names: the fused [3H, H] QKV weight (and [3H]
-    bias) is the query, key and value weights stacked in that order."""
-    grads = {}
-    for name, param in model.named_parameters():
-        if param.grad is None:
-            continue
-        prefix, fused, kind = name.rpartition(".qkv_")
-        if fused:
-            for part_name, part in zip(("query", "key", "value"), param.grad.chunk(3)):
-                grads[f"{prefix}.{part_name}.{kind}"] = part
-        else:
-            grads[name] = param.grad
-    return grads
+    """Our parameter gradients under Hugging Face's names (the fused QKV split as in the state dict)."""
+    return {hf_name: part for name, param in model.named_parameters() if param.grad is not None
+            for hf_name, part in hugging_face_named(name, param.grad)}
 
 
 def assert_gradients_match(ours: BertModel, theirs: transformers.BertModel):
@@ -119,6 +110,15 @@ def test_minilm_matches_transformers(minilm_dir, path):
     ids, mask, types = right_padded_batch(ours.config, [1, 5, 40, 64, 13, 64], generator)
     ids[:, 0] = 101  # [CLS]
     assert_matches_transformers(ours, theirs, ids, mask, types, generator)
+
+
+def test_hugging_face_names_split_only_the_fused_projections():
+    fused = torch.arange(12.0).reshape(6, 2)
+    pairs = hugging_face_named("encoder.layer.3.attention.self.qkv_weight", fused)
+    assert [name for name, _ in pairs] == [f"encoder.layer.3.attention.self.{p}.weight" for p in ("query", "key", "value")]
+    assert all(torch.equal(part, fused[2 * i:2 * i + 2]) for i, (_, part) in enumerate(pairs))
+    assert [name for name, _ in hugging_face_named("qkv_bias", fused[:, 0])] == ["query.bias", "key.bias", "value.bias"]
+    assert hugging_face_named("pooler.dense.weight", fused) == [("pooler.dense.weight", fused)]
 
 
 def test_state_dicts_load_both_ways_strictly():
