@@ -138,9 +138,14 @@ def test_truncated_and_foreign_checkpoints(train, tmp_path, finished_run):
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "weights.pt")
     for name, message in [("tensor.pt", "holds a Tensor, not a checkpoint dict"),
-                          ("weights.pt", "is not a training checkpoint of mtbert-train (format None, expected 1)")]:
+                          ("weights.pt", "is not a training checkpoint of mtbert-train (format None, expected 2)")]:
         status, errors = train("--resume", tmp_path / name)
         assert status == 2 and message in errors[0], errors
+    older = checkpoints.load_checkpoint(done / "last.pt")
+    older["format"] = 1
+    torch.save(older, tmp_path / "older.pt")
+    status, errors = train("--resume", tmp_path / "older.pt")
+    assert status == 2 and "was written by an older mtbert (checkpoint format 1" in errors[0], errors
     newer = checkpoints.load_checkpoint(done / "last.pt")
     newer["config"]["warp_drive"] = True
     torch.save(newer, tmp_path / "newer.pt")

@@ -199,6 +199,8 @@ def encoder_cases(draw):
             n = 0 if kind == "all-padding" else n
             rows.append([1] * n + [0] * (L - n) if kind == "right" else [0] * (L - n) + [1] * n)
     return dict(config=config, mask=torch.tensor(rows), seed=draw(st.integers(0, 2 ** 31 - 1)),
+                ids_dtype=draw(st.sampled_from([torch.int64, torch.int32])),
+                mask_dtype=draw(st.sampled_from([torch.int64, torch.bool, torch.float32])),
                 corrupt=draw(st.sampled_from([None] * 6 + ["input_ids-range", "input_ids-length", "attention_mask",
                                                            "token_type_ids"])))
 
@@ -208,8 +210,9 @@ def check_encoder(case):
     generator = torch.Generator().manual_seed(case["seed"])
     torch.manual_seed(case["seed"])
     ours = BertModel(config).eval()
-    input_ids = torch.randint(0, config.vocab_size, mask.shape, generator=generator)
-    token_type_ids = torch.randint(0, 2, mask.shape, generator=generator)
+    input_ids = torch.randint(0, config.vocab_size, mask.shape, generator=generator, dtype=case["ids_dtype"])
+    token_type_ids = torch.randint(0, 2, mask.shape, generator=generator, dtype=case["ids_dtype"])
+    mask = mask.to(case["mask_dtype"])
     if case["corrupt"] is not None:
         B, L = mask.shape
         bad = {"input_ids-range": dict(input_ids=input_ids + config.vocab_size),
@@ -225,7 +228,7 @@ def check_encoder(case):
     theirs.load_state_dict(ours.state_dict(), strict=False)
     with torch.no_grad():
         got = ours(input_ids, mask, token_type_ids)
-        want = theirs(input_ids=input_ids, attention_mask=mask, token_type_ids=token_type_ids)
+        want = theirs(input_ids=input_ids.long(), attention_mask=mask.long(), token_type_ids=token_type_ids.long())
     real = mask.bool()
     assert torch.isfinite(got.last_hidden_state).all() and torch.isfinite(got.pooler_output).all(), "non-finite"
     assert_finite_and_close(got.last_hidden_state[real], want.last_hidden_state[real], atol=1e-5, rtol=0,

@@ -40,7 +40,8 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 # packed: one encoder forward and backward over all task slots of a step, each task's gradient
 # split into its row by the encoder's ops; per-task: one forward and backward per slot (the reference).
 PASSES = ("packed", "per-task")
-CHECKPOINT_FORMAT = 1
+# 2: the fused query/key/value parameter (one optimizer state instead of three), the loss window.
+CHECKPOINT_FORMAT = 2
 
 
 def setting(default=dataclasses.MISSING, *flags, group, help, default_factory=dataclasses.MISSING, **argparse):
@@ -442,6 +443,11 @@ class Trainer:
         if "format" not in state and {"model", "dev"} <= state.keys():
             raise CheckpointError(f"{path} is a best-model checkpoint (best.pt): it has no optimizer or sampler "
                                   "state to resume from; resume from last.pt in the same directory")
+        if isinstance(state.get("format"), int) and state["format"] < CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path} was written by an older mtbert (checkpoint format {state['format']}, "
+                                  f"this version writes {CHECKPOINT_FORMAT}): its optimizer state predates the fused "
+                                  "query/key/value parameter, so the run cannot resume; start a new run (the weights "
+                                  "in its best.pt still load)")
         if state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path} is not a training checkpoint of mtbert-train (format "
                                   f"{state.get('format')!r}, expected {CHECKPOINT_FORMAT}); resume from OUT/last.pt")
