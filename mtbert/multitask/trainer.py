@@ -452,7 +452,8 @@ class Trainer:
             raise CheckpointError(f"{path} is not a training checkpoint of mtbert-train (format "
                                   f"{state.get('format')!r}, expected {CHECKPOINT_FORMAT}); resume from OUT/last.pt")
         missing = [key for key in ("config", "model", "optimizer", "scheduler", "gradients", "streams", "rng",
-                                   "epoch", "step_in_epoch", "global_step") if key not in state]
+                                   "epoch", "step_in_epoch", "global_step", "best_overall", "skipped_steps",
+                                   "train_seconds", "loss_window", "token_slots") if key not in state]
         if missing:
             raise CheckpointError(f"{path} lacks {missing}: not a complete training checkpoint")
 
@@ -468,9 +469,9 @@ class Trainer:
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best_overall = state["global_step"], state["best_overall"]
         self.skipped_steps = state["skipped_steps"]
-        self.train_seconds = state.get("train_seconds", 0.0)
-        self.loss_window = state.get("loss_window", {t: [0.0, 0] for t in self.config.tasks})
-        self.token_slots = state.get("token_slots", {t: [0, 0] for t in self.config.tasks})
+        self.train_seconds = state["train_seconds"]
+        self.loss_window = state["loss_window"]
+        self.token_slots = state["token_slots"]
 
     def save(self, name="last.pt"):
         return save_checkpoint(self.state_dict(), self.out / name)
