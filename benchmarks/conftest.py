@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mtbert.multitask.data import DEFAULT_FILES, LengthBucketSampler, collate, example_lengths, load_task_file
-from mtbert.multitask.trainer import TrainConfig
+from mtbert.multitask.trainer import TrainConfig, cpu_has_bf16_units
 
 FULL = os.environ.get("BENCH_FULL") == "1"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,12 +87,6 @@ def cpu_model_and_isa():
     flags = set(fields.get("flags", "").split())
     wanted = [("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX-512-BF16", "avx512_bf16"), ("AMX", "amx_bf16")]
     return fields.get("model name", "unknown"), [name for name, flag in wanted if flag in flags]
-
-
-def cpu_has_bf16_units():
-    """Whether the CPU multiplies bf16 matrices in hardware (AVX-512-BF16 or AMX)."""
-    isa = cpu_model_and_isa()[1]
-    return "AVX-512-BF16" in isa or "AMX" in isa
 
 
 # Precisions of the encoder and multitask rows: fp32 and bf16 autocast on a CPU with bf16 units,

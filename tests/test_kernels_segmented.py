@@ -68,12 +68,11 @@ def kernel_choice(request, monkeypatch):
 T, N = sum(LENGTHS), 8
 
 
-def test_linear_with_weight_blocks_splits_by_segment():
+def test_linear_splits_by_segment():
     x = torch.randn(T, N)
-    params = [torch.randn(6, N, requires_grad=True), torch.randn(4, N, requires_grad=True),
-              torch.randn(6, requires_grad=True), torch.randn(4, requires_grad=True)]
-    _check_split(lambda x, w1, w2, b1, b2: kernels.linear(x, [w1, w2], [b1, b2]),
-                 lambda x, w1, w2, b1, b2: F.linear(x, torch.cat([w1, w2]), torch.cat([b1, b2])), [x], params)
+    params = [torch.randn(6, N, requires_grad=True), torch.randn(6, requires_grad=True)]
+    _check_split(lambda x, w, b: kernels.linear(x, w, b), lambda x, w, b: F.linear(x, w, b), [x], params)
+    _check_split(lambda x, w: kernels.linear(x, w), lambda x, w: F.linear(x, w), [x], params[:1])
 
 
 def test_add_layer_norm_splits_by_segment(kernel_choice):

@@ -57,21 +57,11 @@ def _segments_for(*params):
     return segments if any(p is not None and p.requires_grad for p in params) else None
 
 
-def _blocks(tensors):
-    if tensors is None:
-        return ()
-    return (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
-
-
 def linear(x, weight, bias=None):
-    """y = x Wᵀ + b. x: [..., in]; weight: [out, in], or a sequence of [out_i, in] blocks that act
-    as their concatenation (bias: [out], or one block per weight block, or None)."""
-    weights, biases = _blocks(weight), _blocks(bias)
-    segments = _segments_for(*weights, *biases)
+    """y = x Wᵀ + b. x: [..., in]; weight: [out, in]; bias: [out] or None."""
+    segments = _segments_for(weight, bias)
     if segments is not None:
-        return _segmented.linear(x, weights, biases, segments)
-    weight = weights[0] if len(weights) == 1 else torch.cat(weights)
-    bias = None if not biases else biases[0] if len(biases) == 1 else torch.cat(biases)
+        return _segmented.linear(x, weight, bias, segments)
     return F.linear(x, weight, bias)
 
 

@@ -138,10 +138,10 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 
 class _SegmentedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, segments, num_blocks, *params):
-        weights, biases = params[:num_blocks], params[num_blocks:]
-        weight = weights[0] if num_blocks == 1 else torch.cat(weights)
-        bias = None if not biases else biases[0] if num_blocks == 1 else torch.cat(biases)
+    def forward(ctx, x, weight, bias, segments):
+        # Looked up before the autocast copies below: the destinations are keyed by the parameters.
+        ctx.weight_destinations = segments.destinations_of(weight)
+        ctx.bias_destinations = None if bias is None else segments.destinations_of(bias)
         dtype = _autocast_dtype(x.device.type)
         if dtype is not None:  # what autocast does to a linear layer
             x, weight = x.to(dtype), weight.to(dtype)
@@ -150,9 +150,6 @@ class _SegmentedLinear(torch.autograd.Function):
             y = F.linear(x, weight, bias)
         ctx.save_for_backward(x, weight)
         ctx.ranges = segments.ranges(x.numel() // x.shape[-1])
-        ctx.block_sizes = [w.shape[0] for w in weights]
-        ctx.weight_destinations = [segments.destinations_of(w) for w in weights]
-        ctx.bias_destinations = [segments.destinations_of(b) for b in biases]
         return y
 
     @staticmethod
@@ -163,24 +160,17 @@ class _SegmentedLinear(torch.autograd.Function):
         for k, (begin, end) in enumerate(ctx.ranges):
             if begin == end:
                 continue
-            dy_k, x_k = dy[begin:end], xs[begin:end]
-            column = 0
-            for j, size in enumerate(ctx.block_sizes):
-                block = dy_k[:, column:column + size]
-                if ctx.weight_destinations[j] is not None:
-                    _accumulate_mm(ctx.weight_destinations[j][k], block.t(), x_k)
-                if ctx.bias_destinations and ctx.bias_destinations[j] is not None:
-                    _accumulate_row_sum(ctx.bias_destinations[j][k], block)
-                column += size
-        return (grad_x, None, None) + (None,) * (len(ctx.block_sizes) + len(ctx.bias_destinations))
+            if ctx.weight_destinations is not None:
+                _accumulate_mm(ctx.weight_destinations[k], dy[begin:end].t(), xs[begin:end])
+            if ctx.bias_destinations is not None:
+                _accumulate_row_sum(ctx.bias_destinations[k], dy[begin:end])
+        return grad_x, None, None, None
 
 
-def linear(x, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], segments: GradientSegments):
-    """y = x Wᵀ + b with W (b) the concatenation of ``weights`` (``biases``, empty for no bias)
-    along the output features; the weight and bias gradients go to their per-segment destinations."""
-    if biases and len(biases) != len(weights):
-        raise ValueError(f"biases must be empty or one per weight block, got {len(biases)} for {len(weights)}")
-    return _SegmentedLinear.apply(x, segments, len(weights), *weights, *biases)
+def linear(x, weight: torch.Tensor, bias: Optional[torch.Tensor], segments: GradientSegments):
+    """y = x Wᵀ + b (``bias`` may be None); the weight and bias gradients go to their per-segment
+    destinations."""
+    return _SegmentedLinear.apply(x, weight, bias, segments)
 
 
 # -- add + LayerNorm ------------------------------------------------------------------------------
