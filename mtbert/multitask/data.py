@@ -268,6 +268,18 @@ class LengthBucketSampler:
         return 1.0 - real / padded if padded else 0.0
 
 
+def rank_share(batch, rank, world_size) -> list:
+    """Rank ``rank``'s disjoint share of one global batch (a list of example indices) when
+    ``world_size`` processes train on it together: every ``world_size``-th index from position
+    ``rank``. The shares cover the batch and differ in size by at most one; a length-bucketed batch
+    is sorted by length, so each share holds sequences of every length of the batch (each rank's
+    forward pass costs about the same). The batch itself is the same on every rank (a seeded
+    :class:`LengthBucketSampler`), so the global batches do not depend on ``world_size``."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    return list(batch[rank::world_size])
+
+
 def collate(examples, tokenizer, pair_mode="separate", max_length=None) -> dict:
     """Encoder inputs for a batch of one task.
 

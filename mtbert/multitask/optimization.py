@@ -4,6 +4,7 @@ are combined (sum / PCGrad / main+aux, two passes in C++); ``FusedAdamW`` update
 one kernel per parameter group. The trainer sees only :class:`GradientPath`'s methods."""
 import torch
 
+from .. import distributed
 from ..kernels import GradientSegments
 from ..optim import FlatParameters, FusedAdamW
 
@@ -29,11 +30,14 @@ class GradientPath:
     def __init__(self, model, config):
         groups = model.task_parameters()
         self.flat = FlatParameters(shared=groups["shared"], tasks={t: groups[t] for t in config.tasks})
-        self.optimizer = FusedAdamW(decay_groups(self.flat.parameters(), config.weight_decay), lr=config.lr)
+        self.optimizer = self._make_optimizer(decay_groups(self.flat.parameters(), config.weight_decay), config.lr)
         self.method = config.grad_method
         self.main_task = config.main_task if config.grad_method == "main-aux" else None
         self.aux_weight = config.aux_weight
         self.generator = torch.Generator().manual_seed(config.seed)
+
+    def _make_optimizer(self, groups, lr):
+        return FusedAdamW(groups, lr=lr)
 
     def zero_grad(self):
         self.optimizer.zero_grad()
@@ -72,6 +76,11 @@ class GradientPath:
         self.flat.combine(self.method, generator=self.generator, main=self.main_task, aux_weight=self.aux_weight)
         self.optimizer.step()
 
+    def agree(self, step_losses):
+        """The step's losses ({task: loss}, or None when a non-finite loss skips the step) as all
+        processes see them: this process's own here."""
+        return step_losses
+
     def state_dict(self):
         return {"generator": self.generator.get_state()}
 
@@ -79,5 +88,41 @@ class GradientPath:
         self.generator.set_state(state["generator"])
 
 
+class DistributedGradientPath(GradientPath):
+    """The gradient path of one rank under torch.distributed (see ``mtbert.distributed``): the
+    rows, holding this rank's share of each task's batch (losses weighted by the share), are
+    reduce-scattered; the Gram matrix is all-reduced, so every rank derives the weights of the
+    global rows; each rank combines and updates its column shard (optimizer state for about P/N
+    columns), then the parameters are all-gathered."""
+
+    def _make_optimizer(self, groups, lr):
+        self.sharded = distributed.ShardedRows(self.flat)
+        return FusedAdamW(groups, lr=lr, shard=self.sharded.shard, gather_shards=self.sharded.gather_shards)
+
+    def step(self):
+        self.sharded.reduce_scatter()
+        self.sharded.combine(self.method, generator=self.generator, main=self.main_task or 0,
+                             aux_weight=self.aux_weight)
+        self.optimizer.step()
+        self.sharded.all_gather_parameters()
+
+    def agree(self, step_losses):
+        """The global losses of the step (each rank's share-weighted losses summed), or None on every
+        rank when a loss was non-finite on any: one small all-reduce."""
+        names = self.flat.task_names
+        values = torch.zeros(1 + 2 * len(names), dtype=torch.float64)
+        if step_losses is None:
+            values[0] = 1.0
+        else:
+            for k, task in enumerate(names):
+                if task in step_losses:
+                    values[1 + k], values[1 + len(names) + k] = step_losses[task], 1.0
+        values = distributed.all_reduce_sum(values.to(self.flat.params.device)).cpu()
+        if values[0] > 0:
+            return None
+        return {task: float(values[1 + k]) for k, task in enumerate(names) if values[1 + len(names) + k] > 0}
+
+
 def make_gradient_path(model, config) -> GradientPath:
-    return GradientPath(model, config)
+    """The distributed path when a process group of several ranks runs, the plain one otherwise."""
+    return DistributedGradientPath(model, config) if distributed.is_distributed() else GradientPath(model, config)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..encode import POOLINGS
 from ..errors import CheckpointError, ConfigError, DataFileError, make_directory
 from ..optim import METHODS
@@ -21,7 +22,8 @@ from ..pretrained import DEFAULT_MODEL
 from ..tokenizer import Tokenizer
 from . import evaluate as evaluation
 from .checkpoint import kill_point, load_checkpoint, rng_states, save_checkpoint, set_rng_states
-from .data import DEFAULT_FILES, TASKS, LengthBucketSampler, collate, concat_inputs, example_lengths, load_task_file
+from .data import (DEFAULT_FILES, TASKS, LengthBucketSampler, collate, concat_inputs, example_lengths, load_task_file,
+                   rank_share)
 from .heads import PAIR_HEADS
 from .losses import STS_LOSSES
 from .model import MultitaskBert
@@ -324,6 +326,9 @@ class Trainer:
         self.config = config
         self.on_step = on_step
         self.out = Path(config.out)
+        # Under torchrun each rank trains on its share of every batch; rank 0 alone writes.
+        self.rank, self.world_size = distributed.rank_and_world_size()
+        self.is_main = self.rank == 0
         self.device = torch.device("cuda" if config.use_gpu and torch.cuda.is_available() else "cpu")
         if config.use_gpu and self.device.type != "cuda":
             warnings.warn("--use_gpu given but CUDA is not available; training on the CPU")
@@ -474,7 +479,8 @@ class Trainer:
         self.token_slots = state["token_slots"]
 
     def save(self, name="last.pt"):
-        return save_checkpoint(self.state_dict(), self.out / name)
+        state = self.state_dict()  # every rank: the sharded optimizer state is gathered
+        return save_checkpoint(state, self.out / name) if self.is_main else self.out / name
 
     def _truncate_metrics(self, step):
         """Drops the records a killed run wrote after its last checkpoint (all of them when this run
@@ -486,6 +492,8 @@ class Trainer:
             path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
     def _record(self, **record):
+        if not self.is_main:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -496,9 +504,14 @@ class Trainer:
         return self.run_step(tasks, [self._next_batch(task) for task in tasks])
 
     def _next_batch(self, task):
-        indices = self.streams[task].next()
+        batch_indices = self.streams[task].next()
+        indices = rank_share(batch_indices, self.rank, self.world_size)
+        if not indices:  # fewer examples than ranks: this rank sits this slot out
+            return {"inputs": None, "labels": torch.empty(0), "share": 0.0, "global_size": len(batch_indices)}
         batch = collate([self.train_sets[task].examples[i] for i in indices], self.tokenizer,
                         self.model.pair_mode(task), self.config.max_length)
+        # This rank's fraction of the batch: its mean loss times it, summed over ranks, is the batch's mean.
+        batch["share"], batch["global_size"] = len(indices) / len(batch_indices), len(batch_indices)
         mask = batch["inputs"]["attention_mask"]
         self.token_slots[task][0] += int(mask.sum())
         self.token_slots[task][1] += mask.numel()
@@ -510,10 +523,14 @@ class Trainer:
         combined update. Returns ({task: loss}, examples) or (None, examples) when a non-finite
         loss skipped the step."""
         self.gradients.zero_grad()
-        examples = sum(len(batch["labels"]) for batch in batches)
+        examples = sum(batch.get("global_size", len(batch["labels"])) for batch in batches)
+        slots = [(task, batch) for task, batch in zip(tasks, batches) if batch["inputs"] is not None]
         run = self._packed_pass if self.config.passes == "packed" else self._per_task_passes
-        step_losses = run(tasks, batches)
+        local_losses = run(*zip(*slots)) if slots else {}
+        step_losses = self.gradients.agree(local_losses)
         if step_losses is None:
+            if local_losses is not None:  # another rank's loss was non-finite
+                self.skipped_steps += 1
             self.gradients.zero_grad()
             return None, examples
         self.gradients.step()
@@ -537,8 +554,8 @@ class Trainer:
             loss = self.model.loss(task, scores.float(), batch["labels"].to(self.device))
             if not self._finite(task, loss):
                 return None
-            self.gradients.backward(task, self.config.loss_weights.get(task, 1.0) * loss)
-            step_losses[task] = step_losses.get(task, 0.0) + loss.item()
+            self.gradients.backward(task, self._loss_weight(task, batch) * loss)
+            step_losses[task] = step_losses.get(task, 0.0) + loss.item() * batch.get("share", 1.0)
         return step_losses
 
     def _packed_pass(self, tasks, batches):
@@ -557,17 +574,22 @@ class Trainer:
                   for task, task_scores, (_, batch) in zip(tasks, scores, slots)]
         if not all(self._finite(task, loss) for task, loss in zip(tasks, losses)):
             return None
-        self.gradients.backward_packed(sum(self.config.loss_weights.get(task, 1.0) * loss
-                                           for task, loss in zip(tasks, losses)))
+        self.gradients.backward_packed(sum(self._loss_weight(task, batch) * loss
+                                           for task, loss, (_, batch) in zip(tasks, losses, slots)))
         step_losses = {}
-        for task, loss in zip(tasks, losses):
-            step_losses[task] = step_losses.get(task, 0.0) + loss.item()
+        for task, loss, (_, batch) in zip(tasks, losses, slots):
+            step_losses[task] = step_losses.get(task, 0.0) + loss.item() * batch.get("share", 1.0)
         return step_losses
+
+    def _loss_weight(self, task, batch):
+        """--loss-weights' multiplier times this rank's share of the batch (1 on one process)."""
+        return self.config.loss_weights.get(task, 1.0) * batch.get("share", 1.0)
 
     def fit(self):
         cfg = self.config
-        self._truncate_metrics(self.global_step)
-        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+        if self.is_main:
+            self._truncate_metrics(self.global_step)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
         while self.epoch < cfg.epochs:
             self._run_epoch()
             if self.stop_reason is not None and self.epoch < cfg.epochs:
@@ -583,7 +605,7 @@ class Trainer:
         examples, started = 0, time.perf_counter()
         step_started = started
         bar = tqdm(total=len(plan), initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress, dynamic_ncols=True)
+                   disable=not (cfg.progress and self.is_main), dynamic_ncols=True)
         while self.step_in_epoch < len(plan):
             losses, n = self.train_step(plan[self.step_in_epoch])
             examples += n
@@ -593,7 +615,7 @@ class Trainer:
                 window[task][0] += value
                 window[task][1] += 1
             speed = examples / (time.perf_counter() - started)
-            if cfg.progress:
+            if cfg.progress and self.is_main:
                 bar.update(1)
                 bar.set_postfix({**{t: f"{s / c:.3f}" for t, (s, c) in window.items() if c}, "ex/s": f"{speed:.0f}"})
             if self.global_step % cfg.log_every == 0 or self.step_in_epoch == len(plan):
@@ -612,6 +634,13 @@ class Trainer:
                 raise TrainingStopped(self.stop_reason, self.save(), self.global_step)
             step_started = time.perf_counter()
         bar.close()
+        if self.is_main:  # the other ranks wait for it in the checkpoint's collectives
+            self._evaluate_epoch()
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.save()
+
+    def _evaluate_epoch(self):
+        """Dev scores of the epoch just trained, their records, and best.pt when they are the best."""
         padding = {t: 1.0 - real / slots for t, (real, slots) in self.token_slots.items() if slots}
         logger.info("epoch %d padding (measured): %s", self.epoch + 1,
                     ", ".join(f"{t} {100 * f:.1f}% of token slots" for t, f in padding.items()))
@@ -622,20 +651,20 @@ class Trainer:
         self._record(kind="dev", epoch=self.epoch + 1, step=self.global_step,
                      train_minutes=self.train_seconds / 60, **scores)
         selection = scores.get("overall", sum(scores.values()) / len(scores))
-        self.epoch, self.step_in_epoch = self.epoch + 1, 0
         if selection > self.best_overall:
             self.best_overall = selection
-            self._best_dev = (self.epoch, scores, predictions)
+            self._best_dev = (self.epoch + 1, scores, predictions)
             save_checkpoint({"config": self.config.to_dict(), "model": self.model.state_dict(), "dev": scores,
-                             "epoch": self.epoch}, self.out / "best.pt")
-        self.save()
+                             "epoch": self.epoch + 1}, self.out / "best.pt")
 
     def evaluate(self, sets=None):
         return evaluation.evaluate(self.model, sets or self.dev_sets, self.tokenizer, **self._prediction_options())
 
     def finish(self):
         """Reloads the best checkpoint, writes dev and test predictions, the plot, and returns the
-        best dev metrics."""
+        best dev metrics (rank 0; the other ranks return None)."""
+        if not self.is_main:
+            return None
         best = load_checkpoint(self.out / "best.pt")
         self.model.load_state_dict(best["model"])
         if self._best_dev is not None and self._best_dev[0] == best["epoch"]:

@@ -13,7 +13,8 @@ Two formulas (``formula=``):
 ``adamw_reference`` is the plain single-tensor implementation the tests compare against.
 """
 import math
-from typing import Iterable, List, Optional
+from collections import defaultdict
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -53,19 +54,35 @@ class FusedAdamW(torch.optim.Optimizer):
     view (e.g. after ``model.zero_grad()`` set it to None and backward made a new one) is copied
     into the buffer and the view re-attached. ``state_dict()`` has torch.optim.AdamW's layout
     (per-parameter ``step``, ``exp_avg``, ``exp_avg_sq``); resuming from it is bit-exact.
+
+    ``shard=(begin, end)`` (ZeRO-1 style, for data-parallel training): the optimizer holds state for
+    the buffer columns [begin, end) only and updates only those (``exp_avg``/``exp_avg_sq`` are
+    [end - begin]); every parameter's gradient must be present. ``gather_shards`` maps a local
+    [end - begin] state tensor to the full [P] one (an all-gather), so that ``state_dict()`` holds
+    the full state in the unsharded layout, which any shard (or an unsharded optimizer) loads.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
-                 correct_bias: bool = True, formula: str = "handout"):
+                 correct_bias: bool = True, formula: str = "handout", shard: Optional[Tuple[int, int]] = None,
+                 gather_shards: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         _check_hyperparameters(lr, betas, eps, weight_decay, formula, correct_bias)
+        if (shard is None) != (gather_shards is None):
+            raise ValueError("shard and gather_shards go together: give both (a sharded optimizer) or neither")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                         formula=formula)
         self._flat: Optional[FlatParameters] = None
         self._plans: List[dict] = []
         super().__init__(params, defaults)
         self._flat = self._find_or_pack()
-        self.exp_avg = torch.zeros_like(self._flat.params)
-        self.exp_avg_sq = torch.zeros_like(self._flat.params)
+        P = self._flat.numel
+        if shard is not None and not (0 <= shard[0] <= shard[1] <= P):
+            raise ValueError(f"shard must be (begin, end) with 0 <= begin <= end <= {P} (the buffer length), "
+                             f"got {shard!r}")
+        self.shard = None if shard is None else (int(shard[0]), int(shard[1]))
+        self._gather_shards = gather_shards
+        begin, end = self.shard or (0, P)
+        self.exp_avg = torch.zeros(end - begin, dtype=torch.float32, device=self._flat.params.device)
+        self.exp_avg_sq = torch.zeros_like(self.exp_avg)
         self._plans = [self._plan(group) for group in self.param_groups]
 
     @property
@@ -104,12 +121,17 @@ class FusedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"a parameter (shape {tuple(p.shape)}) added to the optimizer is not in its "
                                  f"flat buffer; build the optimizer over all parameters at once")
         members.sort(key=lambda p: spans[id(p)][0])
-        return {
+        plan = {
             "params": members,
             "views": [self._flat.grad_view(index[id(p)]) for p in members],
             "spans": torch.tensor([spans[id(p)] for p in members], dtype=torch.int64).reshape(-1, 2),
             "steps": torch.zeros(len(members), dtype=torch.float32),
         }
+        if self.shard is not None:
+            # The parts of the spans inside the shard, relative to its start (empty ones are dropped at step).
+            begin, end = self.shard
+            plan["shard_spans"] = plan["spans"].clamp(begin, end) - begin
+        return plan
 
     def _state_views(self, plan: dict) -> None:
         """self.state[p] as views into the flat state (torch.optim.AdamW's keys)."""
@@ -148,6 +170,9 @@ class FusedAdamW(torch.optim.Optimizer):
         if not flat.is_intact():
             raise RuntimeError("the parameters are no longer views into the flat buffer (was the model moved "
                                "with .to()/.cuda()/.half() after packing?): pack after moving the model")
+        if self.shard is not None:
+            self._step_shard()
+            return loss
         for group, plan in zip(self.param_groups, self._plans):
             if not plan["params"]:
                 continue
@@ -168,15 +193,55 @@ class FusedAdamW(torch.optim.Optimizer):
                             formula=group["formula"])
         return loss
 
+    def _step_shard(self) -> None:
+        """The update of the shard's columns: every parameter's step count advances (they all have a
+        gradient in data-parallel training), the kernel runs over the shard's parts of the spans."""
+        begin, end = self.shard
+        flat = self._flat
+        for group, plan in zip(self.param_groups, self._plans):
+            if not plan["params"]:
+                continue
+            plan["steps"] += 1
+            segments = torch.cat([plan["shard_spans"], plan["steps"].to(torch.int64)[:, None]], dim=1)
+            segments = segments[segments[:, 1] > segments[:, 0]]
+            if not len(segments):
+                continue
+            beta1, beta2 = group["betas"]
+            _ops.adamw_step(flat.params[begin:end], self.exp_avg, self.exp_avg_sq, flat.grad[begin:end],
+                            segments.contiguous(), lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
+                            eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                            correct_bias=bool(group["correct_bias"]), formula=group["formula"])
+
+    def state_dict(self) -> dict:
+        """torch.optim.AdamW's layout; a sharded optimizer gathers the full state first (a collective:
+        every shard calls it)."""
+        if self.shard is None:
+            return super().state_dict()
+        exp_avg, exp_avg_sq = self._gather_shards(self.exp_avg), self._gather_shards(self.exp_avg_sq)
+        sharded_state, self.state = self.state, defaultdict(dict)
+        try:
+            for plan in self._plans:
+                for i, (p, (begin, end)) in enumerate(zip(plan["params"], plan["spans"].tolist())):
+                    if plan["steps"][i] > 0:
+                        self.state[p] = {"step": plan["steps"][i].clone(), "exp_avg": exp_avg[begin:end].view_as(p),
+                                         "exp_avg_sq": exp_avg_sq[begin:end].view_as(p)}
+            return super().state_dict()
+        finally:
+            self.state = sharded_state
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes the flat gradient buffer in place (``set_to_none`` is ignored, see the class doc)."""
         self._flat.zero_grad()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Loads torch.optim.AdamW-layout state and copies it into the flat state buffers."""
+        """Loads torch.optim.AdamW-layout state and copies it into the flat state buffers (a sharded
+        optimizer keeps its shard's columns)."""
         super().load_state_dict(state_dict)
         self.exp_avg.zero_()
         self.exp_avg_sq.zero_()
+        if self.shard is not None:
+            self._load_shard()
+            return
         for plan in self._plans:
             loaded = [self.state.get(p) for p in plan["params"]]
             for i, (p, (begin, end), st) in enumerate(zip(plan["params"], plan["spans"].tolist(), loaded)):
@@ -188,6 +253,21 @@ class FusedAdamW(torch.optim.Optimizer):
                     plan["steps"][i] = 0.0
             if any(loaded):
                 self._state_views(plan)
+
+
+    def _load_shard(self) -> None:
+        shard_begin, shard_end = self.shard
+        for plan in self._plans:
+            for i, (p, (begin, end)) in enumerate(zip(plan["params"], plan["spans"].tolist())):
+                loaded = self.state.get(p)
+                plan["steps"][i] = float(loaded["step"]) if loaded else 0.0
+                low, high = max(begin, shard_begin), min(end, shard_end)
+                if loaded and low < high:
+                    self.exp_avg[low - shard_begin:high - shard_begin].copy_(
+                        loaded["exp_avg"].reshape(-1)[low - begin:high - begin])
+                    self.exp_avg_sq[low - shard_begin:high - shard_begin].copy_(
+                        loaded["exp_avg_sq"].reshape(-1)[low - begin:high - begin])
+        self.state = defaultdict(dict)  # the full tensors just loaded: this optimizer keeps its shard only
 
 
 @torch.no_grad()

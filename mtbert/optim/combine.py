@@ -121,7 +121,8 @@ def _weighting(method: Union[str, Weighting], generator, orders, main, aux_weigh
 def combine_gradients(grads: torch.Tensor, out: torch.Tensor, method: Union[str, Weighting] = "sum", *,
                       boundaries: Optional[Sequence[int]] = None, reduction: str = "sum",
                       generator: Optional[torch.Generator] = None, orders: Optional[Sequence[Sequence[int]]] = None,
-                      main: int = 0, aux_weight: float = 0.3, symmetric: bool = False) -> GradientCombination:
+                      main: int = 0, aux_weight: float = 0.3, symmetric: bool = False,
+                      reduce_gram: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> GradientCombination:
     """Combines the task gradients ``grads`` [K, P] (float32, contiguous) into ``out`` [P], in place.
 
     boundaries: None -- surgery on the whole vector (one segment, as Pytorch-PCGrad does); or
@@ -132,6 +133,9 @@ def combine_gradients(grads: torch.Tensor, out: torch.Tensor, method: Union[str,
     reduction: "sum" (the paper) or "mean" (the shared part divided by K).
     generator / orders: PCGrad's random projection order (``orders`` fixes it explicitly).
     main / aux_weight / symmetric: main + auxiliary weighting options (main is a task index).
+    reduce_gram: maps the [C, K, K] Gram of these columns to the Gram of all columns, when
+      ``grads`` is one column shard of a larger buffer (``mtbert.distributed`` passes an
+      all-reduce): the weights then are those of the whole buffer, the combination that of the shard.
 
     If a Gram matrix is not finite (an overflowed gradient under a GradScaler), the rows are
     summed so that the non-finite values reach ``out`` and the scaler skips the step.
@@ -147,7 +151,9 @@ def combine_gradients(grads: torch.Tensor, out: torch.Tensor, method: Union[str,
                          f"({K + 2} entries), got {len(boundaries)} entries")
     weighting = _weighting(method, generator, orders, main, aux_weight, symmetric)
     C = len(boundaries) - 1
-    gram = None if method == "sum" else _ops.gradient_gram(grads, boundaries).cpu()
+    gram = None if method == "sum" else _ops.gradient_gram(grads, boundaries)
+    if gram is not None:
+        gram = (gram if reduce_gram is None else reduce_gram(gram)).cpu()
     if gram is None or not torch.isfinite(gram[0]).all():
         shared = sum_weights(torch.empty(K, K))
     else:
