@@ -119,7 +119,7 @@ class ShardedRows:
         """rows <- the sum over ranks of this shard's columns of ``flat.grads``."""
         for r, (begin, end) in enumerate(self.shards):
             self._send[r, :, :end - begin].copy_(self.flat.grads[:, begin:end])
-        dist.reduce_scatter_tensor(self.rows.view(-1), self._send.view(-1), group=self.group)
+        dist.reduce_scatter_single(self.rows.view(-1), self._send.view(-1), group=self.group)
         self.bytes_sent["reduce_scatter"] += self._send.numel() * self._send.element_size()
 
     def all_reduce_gram(self, gram: torch.Tensor) -> torch.Tensor:
@@ -144,7 +144,7 @@ class ShardedRows:
         self._staging.zero_()
         self._staging[:local.numel()].copy_(local)
         gathered = torch.empty_like(self._gathered)
-        dist.all_gather_into_tensor(gathered, self._staging, group=self.group)
+        dist.all_gather_single(gathered, self._staging, group=self.group)
         self.bytes_sent["all_gather"] += self._staging.numel() * self._staging.element_size()
         return gathered[:self.flat.numel]
 
@@ -152,7 +152,7 @@ class ShardedRows:
         """Every rank's updated shard of ``flat.params`` into every rank's buffer."""
         begin, end = self.shard
         self._staging[:end - begin].copy_(self.flat.params[begin:end])
-        dist.all_gather_into_tensor(self._gathered, self._staging, group=self.group)
+        dist.all_gather_single(self._gathered, self._staging, group=self.group)
         self.bytes_sent["all_gather"] += self._staging.numel() * self._staging.element_size()
         self.flat.params.copy_(self._gathered[:self.flat.numel])
 

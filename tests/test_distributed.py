@@ -1,0 +1,207 @@
+"""Data-parallel training under torch.distributed (gloo, CPU): 2 and 3 processes train exactly as
+one process does on the same global batches, each forwarding only its share and holding about P/N
+of the optimizer state; the all-reduced partial Grams are the Gram of the gathered rows;
+checkpoints saved with 2 ranks resume with 1 and 2; a failing rank ends the job with its error.
+
+The processes are spawned once per world size (a module fixture) and run every scenario in turn;
+each rank saves what it saw, the tests compare it with a single-process run here."""
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mtbert import distributed
+from mtbert.multitask.checkpoint import load_checkpoint
+from mtbert.multitask.trainer import Trainer, TrainConfig
+from mtbert.optim import FlatParameters, METHODS, _ops
+
+STEPS = 5
+SAVED_AFTER = 2
+FAILURE = "rank 1 fails mid-step on purpose"
+
+
+def _config(setup, out, **overrides):
+    # 40 examples per task in batches of 16: batches of 16, 16 and 8, none divisible by 3.
+    settings = dict(data=setup["data"], model=setup["model"], out=str(out), epochs=1, batch_size=16, lr=1e-3,
+                    hidden_dropout_prob=0.0, max_length=32, progress=False, max_train_examples=40,
+                    max_dev_examples=8, save_every=0)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def _trainer(setup, out, **overrides):
+    """A Trainer without dropout: --hidden_dropout_prob 0 and eval mode, as the encoder's attention
+    dropout comes from its checkpoint (ranks that draw different masks train differently)."""
+    trainer = Trainer(_config(setup, out, **overrides))
+    trainer.model.eval()
+    return trainer
+
+
+def _combined_gradient(trainer):
+    """The full combined gradient of the last step (gathered from the shards under torch.distributed)."""
+    flat = trainer.gradients.flat
+    if not distributed.is_distributed():
+        return flat.grad.clone()
+    begin, end = trainer.gradients.sharded.shard
+    return trainer.gradients.sharded.gather_shards(flat.grad[begin:end]).clone()
+
+
+def _train(trainer, steps):
+    for _ in range(steps):
+        trainer.train_step(list(trainer.config.tasks))
+    return {"params": trainer.gradients.flat.params.clone(), "grad": _combined_gradient(trainer)}
+
+
+def _gram_of_gathered_rows(rank, world):
+    """Random rows on each rank; the all-reduced Gram of the reduce-scattered shards against the
+    float64 Gram of the gathered summed rows."""
+    torch.manual_seed(0)
+    shared, heads = torch.nn.Parameter(torch.zeros(531)), [torch.nn.Parameter(torch.zeros(n)) for n in (30, 17, 5)]
+    flat = FlatParameters(shared=[shared], tasks={name: [p] for name, p in zip("abc", heads)})
+    flat.grads.copy_(torch.randn(flat.grads.shape, generator=torch.Generator().manual_seed(rank)))
+    sharded = distributed.ShardedRows(flat)
+    sharded.reduce_scatter()
+    gram = sharded.all_reduce_gram(_ops.gradient_gram(sharded.rows, sharded.boundaries))
+    rows = torch.stack([sharded.gather_shards(row) for row in sharded.rows])
+    b = flat.boundaries
+    reference = torch.stack([rows[:, b[c]:b[c + 1]].double() @ rows[:, b[c]:b[c + 1]].double().T
+                             for c in range(len(b) - 1)])
+    summed = sum(torch.randn(flat.grads.shape, generator=torch.Generator().manual_seed(r)) for r in range(world))
+    return {"gram": gram, "gram_reference": reference, "rows": rows, "rows_summed": summed}
+
+
+def _count_collectives(monkeypatch_targets, counts):
+    def counting(name, function):
+        def call(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return function(*args, **kwargs)
+        return call
+    for name in monkeypatch_targets:
+        setattr(dist, name, counting(name, getattr(dist, name)))
+
+
+def _counted_step(setup, out):
+    """One pcgrad step with every torch.distributed collective and every example forwarded counted."""
+    trainer = _trainer(setup, out, grad_method="pcgrad")
+    examples = []
+    loss = trainer.model.loss
+    trainer.model.loss = lambda task, scores, labels: (examples.append(len(labels)), loss(task, scores, labels))[1]
+    names = ["all_reduce", "reduce_scatter_single", "all_gather_single", "reduce_scatter_tensor", "all_gather_into_tensor", "reduce_scatter", "all_gather",
+             "broadcast", "broadcast_object_list", "all_gather_object", "barrier", "reduce", "gather", "scatter"]
+    originals = {name: getattr(dist, name) for name in names}
+    counts = {}
+    _count_collectives(names, counts)
+    try:
+        _, global_examples = trainer.train_step(list(trainer.config.tasks))
+    finally:
+        for name, function in originals.items():
+            setattr(dist, name, function)
+    return {"collectives": counts, "examples": sum(examples), "global_examples": global_examples, "state_numel": trainer.optimizer.exp_avg.numel(),
+            "numel": trainer.gradients.flat.numel}
+
+
+def _worker(rank, world, port, setup, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    distributed.init_process_group(torch.device("cpu"), timeout_s=60)
+    seen = {"gram": _gram_of_gathered_rows(rank, world), "counted": _counted_step(setup, results / f"count{world}")}
+    for method in METHODS:
+        seen[method] = _train(_trainer(setup, results / f"{method}{world}", grad_method=method), STEPS)
+    if world == 2:
+        out = results / "saved-by-2"
+        trainer = _trainer(setup, out, grad_method="pcgrad")
+        _train(trainer, SAVED_AFTER)
+        trainer.save()
+        seen["continued"] = _train(trainer, STEPS - SAVED_AFTER)
+        dist.barrier()  # rank 0 has written last.pt
+        resumed = _trainer(setup, out, grad_method="pcgrad")
+        resumed.load_state_dict(load_checkpoint(out / "last.pt"))
+        seen["resumed"] = _train(resumed, STEPS - SAVED_AFTER)
+    torch.save(seen, results / f"rank{rank}-of-{world}.pt")
+    if world == 2:  # last: rank 1 raises inside a step while rank 0 waits for it in a collective
+        trainer = _trainer(setup, results / "failing")
+        if rank == 1:
+            def fail(*args):
+                raise ValueError(FAILURE)
+            trainer.model.loss = fail
+        trainer.train_step(list(trainer.config.tasks))
+    dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, toy_data, tmp_path_factory):
+    """{world size: [what each rank saw]}, 1 being this process, and the failure's (error, seconds)."""
+    results = tmp_path_factory.mktemp("distributed")
+    setup = {"data": str(toy_data), "model": str(tiny_model_dir)}
+    single = {method: _train(_trainer(setup, results / f"{method}1", grad_method=method), STEPS)
+              for method in METHODS}
+    resumed = _trainer(setup, results / "resumed-by-1", grad_method="pcgrad")
+    seen = {1: [single]}
+    mp.spawn(_worker, args=(3, _free_port(), setup, results), nprocs=3)
+    started = time.perf_counter()
+    with pytest.raises(mp.ProcessRaisedException) as failure:
+        mp.spawn(_worker, args=(2, _free_port(), setup, results), nprocs=2)
+    seconds = time.perf_counter() - started
+    resumed.load_state_dict(load_checkpoint(results / "saved-by-2" / "last.pt"))
+    single["resumed"] = _train(resumed, STEPS - SAVED_AFTER)
+    for world in (2, 3):
+        seen[world] = [torch.load(results / f"rank{r}-of-{world}.pt", weights_only=False) for r in range(world)]
+    return {"seen": seen, "failure": (str(failure.value), seconds)}
+
+
+def _relative(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("method", METHODS)
+def test_ranks_train_exactly_as_one_process(runs, world, method):
+    reference = runs["seen"][1][0][method]
+    for rank, seen in enumerate(runs["seen"][world]):
+        assert _relative(seen[method]["params"], reference["params"]) < 1e-6, rank
+        assert _relative(seen[method]["grad"], reference["grad"]) < 1e-6, rank
+        assert torch.equal(seen[method]["params"], runs["seen"][world][0][method]["params"])  # all-gathered
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_rank_forwards_its_share_and_holds_its_shard_of_the_optimizer_state(runs, world):
+    counted = [seen["counted"] for seen in runs["seen"][world]]
+    global_batch = counted[0]["global_examples"]
+    assert sum(c["examples"] for c in counted) == global_batch
+    assert all(c["examples"] <= -(-global_batch // world) + 3 for c in counted)  # a share of each task's batch
+    for c in counted:
+        # reduce-scatter of the rows, all-reduce of the Gram and of the step's losses, all-gather of the parameters
+        assert c["collectives"] == {"reduce_scatter_single": 1, "all_reduce": 2, "all_gather_single": 1}
+        assert c["numel"] / world - 16 <= c["state_numel"] <= c["numel"] / world + 16
+    assert sum(c["state_numel"] for c in counted) == counted[0]["numel"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_all_reduced_partial_grams_equal_the_gram_of_the_gathered_rows(runs, world):
+    for seen in runs["seen"][world]:
+        gram = seen["gram"]
+        torch.testing.assert_close(gram["rows"], gram["rows_summed"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(gram["gram"], gram["gram_reference"], rtol=1e-12, atol=1e-12)
+
+
+def test_checkpoint_saved_by_two_ranks_resumes_with_one_and_with_two(runs):
+    uninterrupted = runs["seen"][1][0]["pcgrad"]["params"]
+    assert _relative(runs["seen"][1][0]["resumed"]["params"], uninterrupted) < 1e-6
+    for seen in runs["seen"][2]:
+        assert _relative(seen["continued"]["params"], uninterrupted) < 1e-6
+        assert _relative(seen["resumed"]["params"], uninterrupted) < 1e-6
+
+
+def test_a_failing_rank_ends_the_job_with_its_error(runs):
+    message, seconds = runs["failure"]
+    assert FAILURE in message and "ValueError" in message
+    assert seconds < 60
