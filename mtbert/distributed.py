@@ -94,7 +94,8 @@ class ShardedRows:
     >>> sharded.reduce_scatter(); sharded.combine("pcgrad", generator=g); optimizer.step()
     >>> sharded.all_gather_parameters()
 
-    ``bytes_sent`` counts, per collective, the bytes of the tensors handed to it (for benchmarks).
+    ``collective_bytes`` adds up, per collective, the size of the whole tensor it reduces or
+    gathers (the input of a reduce-scatter, the output of an all-gather), for benchmarks.
     """
 
     def __init__(self, flat: FlatParameters, group: Optional[dist.ProcessGroup] = None):
@@ -113,20 +114,20 @@ class ShardedRows:
         self._staging = torch.zeros(self.width, device=device)
         self._gathered = torch.empty(self.world_size * self.width, device=device)
         self.boundaries = shard_boundaries(flat.boundaries, self.shard[0], self.width)
-        self.bytes_sent = {"reduce_scatter": 0, "all_reduce": 0, "all_gather": 0}
+        self.collective_bytes = {"reduce_scatter": 0, "all_reduce": 0, "all_gather": 0}
 
     def reduce_scatter(self) -> None:
         """rows <- the sum over ranks of this shard's columns of ``flat.grads``."""
         for r, (begin, end) in enumerate(self.shards):
             self._send[r, :, :end - begin].copy_(self.flat.grads[:, begin:end])
         dist.reduce_scatter_single(self.rows.view(-1), self._send.view(-1), group=self.group)
-        self.bytes_sent["reduce_scatter"] += self._send.numel() * self._send.element_size()
+        self.collective_bytes["reduce_scatter"] += self._send.numel() * self._send.element_size()
 
     def all_reduce_gram(self, gram: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of the partial Gram matrices: the Gram of the global rows."""
         gram = gram.contiguous()
         dist.all_reduce(gram, group=self.group)
-        self.bytes_sent["all_reduce"] += gram.numel() * gram.element_size()
+        self.collective_bytes["all_reduce"] += gram.numel() * gram.element_size()
         return gram
 
     def combine(self, method: Union[str, Weighting] = "sum", *, main: int = 0, **options) -> GradientCombination:
@@ -145,7 +146,7 @@ class ShardedRows:
         self._staging[:local.numel()].copy_(local)
         gathered = torch.empty_like(self._gathered)
         dist.all_gather_single(gathered, self._staging, group=self.group)
-        self.bytes_sent["all_gather"] += self._staging.numel() * self._staging.element_size()
+        self.collective_bytes["all_gather"] += gathered.numel() * gathered.element_size()
         return gathered[:self.flat.numel]
 
     def all_gather_parameters(self) -> None:
@@ -153,7 +154,7 @@ class ShardedRows:
         begin, end = self.shard
         self._staging[:end - begin].copy_(self.flat.params[begin:end])
         dist.all_gather_single(self._gathered, self._staging, group=self.group)
-        self.bytes_sent["all_gather"] += self._staging.numel() * self._staging.element_size()
+        self.collective_bytes["all_gather"] += self._gathered.numel() * self._gathered.element_size()
         self.flat.params.copy_(self._gathered[:self.flat.numel])
 
 

@@ -18,6 +18,10 @@ SIGINT (Ctrl-C) / SIGTERM (a cluster's pre-emption) after saving OUT/last.pt at 
 running step (a second signal stops at once; last.pt is still the previous complete one).
 --resume OUT/last.pt continues with the settings stored in the checkpoint: repeating the run's
 flags is fine, a flag that contradicts them is an error (only --no-progress may differ).
+
+Several processes (data-parallel, exact): ``torchrun --nproc_per_node N -m mtbert.train ...``;
+--batch_size stays the global batch per task, each rank trains on its share; rank 0 alone prints
+and writes (see README, "Distributed training").
 """
 import argparse
 import contextlib
@@ -29,6 +33,9 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
+
+from . import distributed
 from .errors import CheckpointError, ConfigError, run_command
 from .multitask.data import write_synthetic_data
 from .multitask.evaluate import summary_table
@@ -102,6 +109,11 @@ def build_parser():
                                      "(what `make demo` does)")
     groups["run"].add_argument("--resume", metavar="CHECKPOINT", default=None,
                                help="continue a run from OUT/last.pt with the settings stored in it")
+    groups["run"].add_argument("--dist-backend", choices=distributed.BACKENDS, default=None,
+                               help="torch.distributed backend under torchrun (default: nccl on CUDA, gloo on the CPU)")
+    groups["run"].add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                               help="how long a rank waits for the others in a collective before the job fails "
+                                    "(default: %(default)s; the other ranks wait while rank 0 evaluates)")
     groups["run"].add_argument("--debug", action="store_true", default=False,
                                help="show the traceback of an error in what was given, not only its message")
     return parser
@@ -204,9 +216,23 @@ def stop_on_signals(trainer, received):
 
 
 def _train(args) -> int:
+    if not distributed.launched_with_several_ranks():
+        return _train_process(args)
+    if not args.dist_timeout > 0:
+        raise ConfigError(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
+    use_gpu = settings_from_args(args).get("use_gpu", False) and torch.cuda.is_available()
+    distributed.init_process_group(torch.device("cuda" if use_gpu else "cpu"), args.dist_backend, args.dist_timeout)
+    try:
+        return _train_process(args)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _train_process(args) -> int:
     from .multitask.checkpoint import load_checkpoint
     from .multitask.trainer import Trainer
 
+    rank, _ = distributed.rank_and_world_size()
     settings = settings_from_args(args)
     checkpoint = None
     if args.resume:
@@ -220,8 +246,12 @@ def _train(args) -> int:
         config = config_for_new_run(settings)
         synthetic = _use_synthetic(config, args)
         if synthetic:
-            config.data = str(write_synthetic_data(Path(config.out) / "synthetic-data"))
+            config.data = str(Path(config.out) / "synthetic-data")
             config.files = {}
+            if rank == 0:
+                write_synthetic_data(config.data)
+            if distributed.is_distributed():
+                torch.distributed.barrier()  # the other ranks read what rank 0 wrote
     trainer = Trainer(config)
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint, args.resume)
@@ -233,6 +263,8 @@ def _train(args) -> int:
         except TrainingStopped as stopped:
             print(f"mtbert-train: {stopped}", file=sys.stderr)
             return 128 + received[0]
+    if rank != 0:
+        return 0
     label = "SYNTHETIC sanity data" if synthetic else f"mtbert dev ({config.model})"
     rows = [(label, best)] + ([] if synthetic else [("paper dev (BERT-base)", PAPER_DEV)])
     print(summary_table(rows))
@@ -243,7 +275,10 @@ def _train(args) -> int:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Under torchrun only rank 0 logs; the others speak up for errors only.
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if main_rank else logging.ERROR,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     return run_command("mtbert-train", lambda: _train(args), debug=args.debug)
 
 
