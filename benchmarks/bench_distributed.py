@@ -64,7 +64,7 @@ class _Clock:
 def _pass(trainer):
     trainer.gradients.zero_grad()
     tasks = list(trainer.config.tasks)
-    slots = [(task, batch) for task, batch in zip(tasks, (trainer._next_batch(t) for t in tasks))
+    slots = [(task, batch) for task, batch in zip(tasks, (trainer._next_batch(t)[0] for t in tasks))
              if batch["inputs"] is not None]
     trainer._packed_pass(*zip(*slots))
 

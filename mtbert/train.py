@@ -17,7 +17,7 @@ told on one line (--debug adds the traceback); 1 a bug (with its traceback); 130
 SIGINT (Ctrl-C) / SIGTERM (a cluster's pre-emption) after saving OUT/last.pt at the end of the
 running step (a second signal stops at once; last.pt is still the previous complete one).
 --resume OUT/last.pt continues with the settings stored in the checkpoint: repeating the run's
-flags is fine, a flag that contradicts them is an error (only --no-progress may differ).
+flags is fine, a flag that contradicts them is an error (only --no-progress and --grad-accum may differ).
 
 Several processes (data-parallel, exact): ``torchrun --nproc_per_node N -m mtbert.train ...``;
 --batch_size stays the global batch per task, each rank trains on its share; rank 0 alone prints
@@ -46,8 +46,9 @@ logger = logging.getLogger("mtbert.train")
 
 GROUPS = {"data": "data (file names default to the CS224N starter's, inside --data)", "model": "model",
           "optimization": "optimization", "run": "run"}
-# Settings a resumed run may change: they do not change what is computed.
-RESUME_OVERRIDABLE = ("progress",)
+# Settings a resumed run may change: they do not change what is computed (--grad-accum: up to
+# float rounding; it may have to change with the memory of the machine resuming).
+RESUME_OVERRIDABLE = ("progress", "grad_accum")
 _PATH_SETTINGS = ("data", "out", "files", "prediction_files")
 
 

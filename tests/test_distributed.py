@@ -111,6 +111,8 @@ def _worker(rank, world, port, setup, results):
     for method in METHODS:
         seen[method] = _train(_trainer(setup, results / f"{method}{world}", grad_method=method), STEPS)
     if world == 2:
+        seen["accumulated"] = _train(_trainer(setup, results / "accumulated2", grad_method="pcgrad", grad_accum=3),
+                                     STEPS)
         out = results / "saved-by-2"
         trainer = _trainer(setup, out, grad_method="pcgrad")
         _train(trainer, SAVED_AFTER)
@@ -144,6 +146,8 @@ def runs(tiny_model_dir, toy_data, tmp_path_factory):
     setup = {"data": str(toy_data), "model": str(tiny_model_dir)}
     single = {method: _train(_trainer(setup, results / f"{method}1", grad_method=method), STEPS)
               for method in METHODS}
+    single["accumulated"] = _train(_trainer(setup, results / "accumulated1", grad_method="pcgrad", grad_accum=2),
+                                   STEPS)
     resumed = _trainer(setup, results / "resumed-by-1", grad_method="pcgrad")
     seen = {1: [single]}
     mp.spawn(_worker, args=(3, _free_port(), setup, results), nprocs=3)
@@ -170,6 +174,14 @@ def test_ranks_train_exactly_as_one_process(runs, world, method):
         assert _relative(seen[method]["params"], reference["params"]) < 1e-6, rank
         assert _relative(seen[method]["grad"], reference["grad"]) < 1e-6, rank
         assert torch.equal(seen[method]["params"], runs["seen"][world][0][method]["params"])  # all-gathered
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_accumulated_micro_batches_train_as_whole_batches(runs, world):
+    reference = runs["seen"][1][0]["pcgrad"]
+    for seen in runs["seen"][world]:
+        assert _relative(seen["accumulated"]["params"], reference["params"]) < 1e-6
+        assert _relative(seen["accumulated"]["grad"], reference["grad"]) < 1e-6
 
 
 @pytest.mark.parametrize("world", [2, 3])

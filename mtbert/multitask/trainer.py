@@ -127,7 +127,11 @@ class TrainConfig:
     hidden_dropout_prob: float = setting(0.3, "--hidden_dropout_prob", group="model",
                                          help="dropout of the encoder and the heads (the starter's default)")
     epochs: int = setting(10, group="optimization", help="training epochs (round-robin: passes over the largest task)")
-    batch_size: int = setting(32, "--batch_size", group="optimization", help="examples per task per step")
+    batch_size: int = setting(32, "--batch_size", group="optimization",
+                              help="examples per task per step (under torchrun: of all processes together)")
+    grad_accum: int = setting(1, group="optimization", metavar="STEPS",
+                              help="split each step's batches into STEPS micro-batches, one forward and backward "
+                                   "each, accumulated before the update: the same update in less memory")
     eval_batch_size: int = setting(128, group="optimization", help="examples per evaluation batch")
     lr: float = setting(None, group="optimization", show_default=False,
                         help="learning rate (default: 1e-3 with pretrain, 1e-5 with finetune, the starter's advice)")
@@ -189,7 +193,7 @@ class TrainConfig:
                 raise ConfigError(f"loss_weights names {task!r}, which is not among the trained tasks {self.tasks}")
             if not (math.isfinite(weight) and weight > 0):
                 raise ConfigError(f"loss_weights[{task!r}] must be a positive finite number, got {weight}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "max_length"):
+        for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("save_every", "log_every"):
@@ -501,32 +505,48 @@ class Trainer:
     # -- training -----------------------------------------------------------------------------
     def train_step(self, tasks):
         """Draws the next batch of each task slot, then :meth:`run_step`."""
-        return self.run_step(tasks, [self._next_batch(task) for task in tasks])
+        return self.run_step(tasks, *zip(*(self._next_batch(task) for task in tasks)))
 
     def _next_batch(self, task):
+        """This process's share of the next batch of ``task`` as --grad-accum collated
+        micro-batches (an empty one, of fewer examples than processes, has ``inputs`` None)."""
         batch_indices = self.streams[task].next()
         indices = rank_share(batch_indices, self.rank, self.world_size)
-        if not indices:  # fewer examples than ranks: this rank sits this slot out
-            return {"inputs": None, "labels": torch.empty(0), "share": 0.0, "global_size": len(batch_indices)}
+        accum = self.config.grad_accum
+        # Consecutive chunks: the share is sorted by length, so each micro-batch carries little padding.
+        chunks = [indices[len(indices) * a // accum:len(indices) * (a + 1) // accum] for a in range(accum)]
+        return [self._collate(task, chunk, len(batch_indices)) for chunk in chunks]
+
+    def _collate(self, task, indices, global_size):
+        if not indices:
+            return {"inputs": None, "labels": torch.empty(0), "share": 0.0, "global_size": global_size}
         batch = collate([self.train_sets[task].examples[i] for i in indices], self.tokenizer,
                         self.model.pair_mode(task), self.config.max_length)
-        # This rank's fraction of the batch: its mean loss times it, summed over ranks, is the batch's mean.
-        batch["share"], batch["global_size"] = len(indices) / len(batch_indices), len(batch_indices)
+        # The micro-batch's fraction of the batch: its mean loss times it, summed over the micro-batches
+        # of every process, is the batch's mean.
+        batch["share"], batch["global_size"] = len(indices) / global_size, global_size
         mask = batch["inputs"]["attention_mask"]
         self.token_slots[task][0] += int(mask.sum())
         self.token_slots[task][1] += mask.numel()
         return batch
 
-    def run_step(self, tasks, batches):
-        """Forward + backward of ``batches`` (one collated batch per task slot, as ``collate``
-        makes them), in one packed pass or one pass per slot (``config.passes``), then the
-        combined update. Returns ({task: loss}, examples) or (None, examples) when a non-finite
-        loss skipped the step."""
+    def run_step(self, tasks, *micro_batches):
+        """Forward + backward of each of ``micro_batches`` (each a list of one collated batch per
+        task slot, as ``collate`` makes them; several with --grad-accum), in one packed pass or one
+        pass per slot (``config.passes``), accumulated, then the combined update. Returns
+        ({task: loss}, examples) or (None, examples) when a non-finite loss skipped the step."""
         self.gradients.zero_grad()
-        examples = sum(batch.get("global_size", len(batch["labels"])) for batch in batches)
-        slots = [(task, batch) for task, batch in zip(tasks, batches) if batch["inputs"] is not None]
+        examples = sum(batch.get("global_size", len(batch["labels"])) for batch in micro_batches[0])
         run = self._packed_pass if self.config.passes == "packed" else self._per_task_passes
-        local_losses = run(*zip(*slots)) if slots else {}
+        local_losses = {}
+        for batches in micro_batches:
+            slots = [(task, batch) for task, batch in zip(tasks, batches) if batch["inputs"] is not None]
+            losses = run(*zip(*slots)) if slots else {}
+            if losses is None:
+                local_losses = None
+                break
+            for task, value in losses.items():
+                local_losses[task] = local_losses.get(task, 0.0) + value
         step_losses = self.gradients.agree(local_losses)
         if step_losses is None:
             if local_losses is not None:  # another rank's loss was non-finite
