@@ -28,7 +28,7 @@ from .optim.combine import GradientCombination, Weighting
 BACKENDS = ("gloo", "nccl")
 # How long a collective waits for the other ranks before raising: a rank that died or hangs ends
 # the job instead of blocking it. Generous, as the other ranks wait at the next collective while
-# rank 0 evaluates the dev sets and writes checkpoints.
+# rank 0 writes checkpoints and, at the end, the test predictions.
 DEFAULT_TIMEOUT_S = 1800.0
 
 
@@ -158,6 +158,13 @@ class ShardedRows:
         self.flat.params.copy_(self._gathered[:self.flat.numel])
 
 
+def all_gather_objects(value) -> list:
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def all_reduce_sum(values: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """The sum over ranks of a small float64 tensor (per-step statistics)."""
     values = values.to(torch.float64).contiguous()
@@ -165,7 +172,7 @@ def all_reduce_sum(values: torch.Tensor, group: Optional[dist.ProcessGroup] = No
     return values
 
 
-__all__ = ["BACKENDS", "DEFAULT_TIMEOUT_S", "ShardedRows", "all_reduce_sum", "column_shards",
+__all__ = ["BACKENDS", "DEFAULT_TIMEOUT_S", "ShardedRows", "all_gather_objects", "all_reduce_sum", "column_shards",
            "default_backend", "init_process_group", "is_distributed", "launched_with_several_ranks",
            "rank_and_world_size", "shard_boundaries"]
 

@@ -28,7 +28,7 @@ def _config(setup, out, **overrides):
     # 40 examples per task in batches of 16: batches of 16, 16 and 8, none divisible by 3.
     settings = dict(data=setup["data"], model=setup["model"], out=str(out), epochs=1, batch_size=16, lr=1e-3,
                     hidden_dropout_prob=0.0, max_length=32, progress=False, max_train_examples=40,
-                    max_dev_examples=8, save_every=0)
+                    max_dev_examples=11, save_every=0)
     return TrainConfig(**{**settings, **overrides})
 
 
@@ -49,10 +49,13 @@ def _combined_gradient(trainer):
     return trainer.gradients.sharded.gather_shards(flat.grad[begin:end]).clone()
 
 
-def _train(trainer, steps):
+def _train(trainer, steps, evaluate=False):
     for _ in range(steps):
         trainer.train_step(list(trainer.config.tasks))
-    return {"params": trainer.gradients.flat.params.clone(), "grad": _combined_gradient(trainer)}
+    trained = {"params": trainer.gradients.flat.params.clone(), "grad": _combined_gradient(trainer)}
+    if evaluate:  # under torchrun each rank predicts its share of the dev examples
+        trained["dev"] = trainer.evaluate()
+    return trained
 
 
 def _gram_of_gathered_rows(rank, world):
@@ -109,7 +112,8 @@ def _worker(rank, world, port, setup, results):
     distributed.init_process_group(torch.device("cpu"), timeout_s=60)
     seen = {"gram": _gram_of_gathered_rows(rank, world), "counted": _counted_step(setup, results / f"count{world}")}
     for method in METHODS:
-        seen[method] = _train(_trainer(setup, results / f"{method}{world}", grad_method=method), STEPS)
+        seen[method] = _train(_trainer(setup, results / f"{method}{world}", grad_method=method), STEPS,
+                              evaluate=method == "pcgrad")
     if world == 2:
         seen["accumulated"] = _train(_trainer(setup, results / "accumulated2", grad_method="pcgrad", grad_accum=3),
                                      STEPS)
@@ -144,7 +148,8 @@ def runs(tiny_model_dir, toy_data, tmp_path_factory):
     """{world size: [what each rank saw]}, 1 being this process, and the failure's (error, seconds)."""
     results = tmp_path_factory.mktemp("distributed")
     setup = {"data": str(toy_data), "model": str(tiny_model_dir)}
-    single = {method: _train(_trainer(setup, results / f"{method}1", grad_method=method), STEPS)
+    single = {method: _train(_trainer(setup, results / f"{method}1", grad_method=method), STEPS,
+                             evaluate=method == "pcgrad")
               for method in METHODS}
     single["accumulated"] = _train(_trainer(setup, results / "accumulated1", grad_method="pcgrad", grad_accum=2),
                                    STEPS)
@@ -174,6 +179,17 @@ def test_ranks_train_exactly_as_one_process(runs, world, method):
         assert _relative(seen[method]["params"], reference["params"]) < 1e-6, rank
         assert _relative(seen[method]["grad"], reference["grad"]) < 1e-6, rank
         assert torch.equal(seen[method]["params"], runs["seen"][world][0][method]["params"])  # all-gathered
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_dev_evaluation_is_sharded_and_gathered_in_order(runs, world):
+    scores, predictions = runs["seen"][1][0]["pcgrad"]["dev"]
+    for seen in runs["seen"][world]:
+        rank_scores, rank_predictions = seen["pcgrad"]["dev"]
+        assert rank_scores.keys() == scores.keys()
+        for task, expected in predictions.items():
+            assert rank_predictions[task].shape == expected.shape == (11,)
+            torch.testing.assert_close(rank_predictions[task], expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("world", [1, 2])

@@ -42,12 +42,13 @@ def task_metrics(task, predictions, labels) -> dict:
     return {"sts_pearson": metrics.pearson(predictions, labels), "sts_spearman": metrics.spearman(predictions, labels)}
 
 
-def evaluate(model, dev_sets, tokenizer, **predict_options):
+def evaluate(model, dev_sets, tokenizer, predictor=predict, **predict_options):
     """Dev metrics of every task in ``dev_sets`` ({task: TaskFile}) and, when all three are present,
-    the overall score. Returns ``(metrics, {task: predictions})``."""
+    the overall score. Returns ``(metrics, {task: predictions})``. ``predictor``: a function with
+    :func:`predict`'s signature (the trainer's shards the examples over processes)."""
     scores, predictions = {}, {}
     for task, dev in dev_sets.items():
-        predictions[task] = predict(model, task, dev.examples, tokenizer, **predict_options)
+        predictions[task] = predictor(model, task, dev.examples, tokenizer, **predict_options)
         labels = torch.tensor([e.label for e in dev.examples])
         scores.update(task_metrics(task, predictions[task], labels))
     if {"sst_acc", "para_acc", "sts_pearson"} <= scores.keys():

@@ -654,13 +654,13 @@ class Trainer:
                 raise TrainingStopped(self.stop_reason, self.save(), self.global_step)
             step_started = time.perf_counter()
         bar.close()
-        if self.is_main:  # the other ranks wait for it in the checkpoint's collectives
-            self._evaluate_epoch()
+        self._evaluate_epoch()
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.save()
 
     def _evaluate_epoch(self):
-        """Dev scores of the epoch just trained, their records, and best.pt when they are the best."""
+        """Dev scores of the epoch just trained (every process predicts its share), their records,
+        and best.pt when they are the best (rank 0 writes)."""
         padding = {t: 1.0 - real / slots for t, (real, slots) in self.token_slots.items() if slots}
         logger.info("epoch %d padding (measured): %s", self.epoch + 1,
                     ", ".join(f"{t} {100 * f:.1f}% of token slots" for t, f in padding.items()))
@@ -674,11 +674,29 @@ class Trainer:
         if selection > self.best_overall:
             self.best_overall = selection
             self._best_dev = (self.epoch + 1, scores, predictions)
-            save_checkpoint({"config": self.config.to_dict(), "model": self.model.state_dict(), "dev": scores,
-                             "epoch": self.epoch + 1}, self.out / "best.pt")
+            if self.is_main:
+                save_checkpoint({"config": self.config.to_dict(), "model": self.model.state_dict(), "dev": scores,
+                                 "epoch": self.epoch + 1}, self.out / "best.pt")
 
-    def evaluate(self, sets=None):
-        return evaluation.evaluate(self.model, sets or self.dev_sets, self.tokenizer, **self._prediction_options())
+    def evaluate(self, sets=None, sharded=True):
+        """Scores and predictions of ``sets`` (default: the dev sets). Under torchrun, ``sharded``:
+        every process predicts its share of the examples (a collective: all call it); else this
+        process predicts them all."""
+        predictor = self._predict_shares if sharded and self.world_size > 1 else evaluation.predict
+        return evaluation.evaluate(self.model, sets or self.dev_sets, self.tokenizer, predictor=predictor,
+                                   **self._prediction_options())
+
+    def _predict_shares(self, model, task, examples, tokenizer, **options):
+        """:func:`evaluation.predict` of this process's share of ``examples``, the shares of all
+        processes gathered back into the examples' order."""
+        indices = rank_share(range(len(examples)), self.rank, self.world_size)
+        mine = evaluation.predict(model, task, [examples[i] for i in indices], tokenizer, **options) if indices else None
+        shares = [(i, p) for i, p in distributed.all_gather_objects((indices, mine)) if i]
+        order = torch.tensor([i for share, _ in shares for i in share])
+        if not torch.equal(order.sort().values, torch.arange(len(examples))):
+            raise RuntimeError(f"the processes' shares of the {task} examples do not cover them once each")
+        predictions = torch.cat([p for _, p in shares])
+        return torch.empty_like(predictions).index_copy_(0, order, predictions)
 
     def finish(self):
         """Reloads the best checkpoint, writes dev and test predictions, the plot, and returns the
@@ -690,7 +708,7 @@ class Trainer:
         if self._best_dev is not None and self._best_dev[0] == best["epoch"]:
             _, scores, dev_predictions = self._best_dev  # evaluated by this process already
         else:
-            scores, dev_predictions = self.evaluate()
+            scores, dev_predictions = self.evaluate(sharded=False)  # rank 0 alone gets here
         options = self._prediction_options()
         written = []
         for task, dev in self.dev_sets.items():
