@@ -147,7 +147,7 @@ def ring_traffic(collective_bytes, world):
 
 
 def run(worlds=(1, 2)):
-    rows = {}
+    rows = {"load": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as out:
         for world in worlds:
             mp.spawn(_worker, args=(world, _free_port(), out, out), nprocs=world)
@@ -161,7 +161,11 @@ def render(rows):
              "| processes | design | step ms | " + " | ".join(f"{part} ms" for part in SPLIT)
              + " | traffic per rank MB | optimizer state per rank MB |",
              "|---|---|---|" + "---|" * len(SPLIT) + "---|---|"]
+    lines.insert(1, f"\nLoad average when it started: {rows['load']:.1f} on {os.cpu_count()} cores "
+                    "(other jobs share this machine: the times are rough).")
     for world, row in rows.items():
+        if world == "load":
+            continue
         designs = [("plain" if world == 1 else "plain (all-reduce of the rows)", row["plain"],
                     ring_traffic(row.get("plain_bytes", {}), world),
                     row.get("plain_optimizer_state_bytes", row["optimizer_state_bytes"]))]
