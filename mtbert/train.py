@@ -263,7 +263,8 @@ def _train_process(args) -> int:
             best = trainer.fit()
         except TrainingStopped as stopped:
             print(f"mtbert-train: {stopped}", file=sys.stderr)
-            return 128 + received[0]
+            # A process that got no signal itself stopped with the others: as if it had been sent SIGTERM.
+            return 128 + (received[0] if received else signal.SIGTERM)
     if rank != 0:
         return 0
     label = "SYNTHETIC sanity data" if synthetic else f"mtbert dev ({config.model})"

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from mtbert import distributed
 from mtbert.multitask.checkpoint import load_checkpoint
-from mtbert.multitask.trainer import Trainer, TrainConfig
+from mtbert.multitask.trainer import Trainer, TrainConfig, TrainingStopped
 from mtbert.optim import FlatParameters, METHODS, _ops
 
 STEPS = 5
@@ -32,10 +32,10 @@ def _config(setup, out, **overrides):
     return TrainConfig(**{**settings, **overrides})
 
 
-def _trainer(setup, out, **overrides):
+def _trainer(setup, out, on_step=None, **overrides):
     """A Trainer without dropout: --hidden_dropout_prob 0 and eval mode, as the encoder's attention
     dropout comes from its checkpoint (ranks that draw different masks train differently)."""
-    trainer = Trainer(_config(setup, out, **overrides))
+    trainer = Trainer(_config(setup, out, **overrides), on_step=on_step)
     trainer.model.eval()
     return trainer
 
@@ -126,6 +126,14 @@ def _worker(rank, world, port, setup, results):
         resumed = _trainer(setup, out, grad_method="pcgrad")
         resumed.load_state_dict(load_checkpoint(out / "last.pt"))
         seen["resumed"] = _train(resumed, STEPS - SAVED_AFTER)
+    if world == 2:  # rank 1 alone is asked to stop after step 1: both stop after step 2, the next all-reduce
+        def ask_rank_1_to_stop(trainer):
+            if rank == 1 and trainer.global_step == 1:
+                trainer.request_stop("SIGTERM")
+        try:
+            _trainer(setup, results / "stopped", epochs=2, on_step=ask_rank_1_to_stop).fit()
+        except TrainingStopped as stopped:
+            seen["stopped"] = (stopped.global_step, str(stopped.checkpoint))
     torch.save(seen, results / f"rank{rank}-of-{world}.pt")
     if world == 2:  # last: rank 1 raises inside a step while rank 0 waits for it in a collective
         trainer = _trainer(setup, results / "failing")
@@ -164,7 +172,8 @@ def runs(tiny_model_dir, toy_data, tmp_path_factory):
     single["resumed"] = _train(resumed, STEPS - SAVED_AFTER)
     for world in (2, 3):
         seen[world] = [torch.load(results / f"rank{r}-of-{world}.pt", weights_only=False) for r in range(world)]
-    return {"seen": seen, "failure": (str(failure.value), seconds)}
+    return {"seen": seen, "failure": (str(failure.value), seconds),
+            "stopped_checkpoint": results / "stopped" / "last.pt"}
 
 
 def _relative(a, b):
@@ -227,6 +236,12 @@ def test_checkpoint_saved_by_two_ranks_resumes_with_one_and_with_two(runs):
     for seen in runs["seen"][2]:
         assert _relative(seen["continued"]["params"], uninterrupted) < 1e-6
         assert _relative(seen["resumed"]["params"], uninterrupted) < 1e-6
+
+
+def test_a_stop_request_to_one_rank_stops_every_rank_after_the_same_step(runs):
+    assert [seen.get("stopped") for seen in runs["seen"][2]] == [(2, str(seen_out)) for seen_out in
+                                                                   [runs["stopped_checkpoint"]] * 2]
+    assert load_checkpoint(runs["stopped_checkpoint"])["global_step"] == 2
 
 
 def test_a_failing_rank_ends_the_job_with_its_error(runs):

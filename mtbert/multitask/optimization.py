@@ -76,10 +76,10 @@ class GradientPath:
         self.flat.combine(self.method, generator=self.generator, main=self.main_task, aux_weight=self.aux_weight)
         self.optimizer.step()
 
-    def agree(self, step_losses):
-        """The step's losses ({task: loss}, or None when a non-finite loss skips the step) as all
-        processes see them: this process's own here."""
-        return step_losses
+    def agree(self, step_losses, stop_requested):
+        """(the step's losses ({task: loss}, or None when a non-finite loss skips the step), whether
+        to stop after this step) as all processes see them: this process's own here."""
+        return step_losses, stop_requested
 
     def state_dict(self):
         return {"generator": self.generator.get_state()}
@@ -106,21 +106,24 @@ class DistributedGradientPath(GradientPath):
         self.optimizer.step()
         self.sharded.all_gather_parameters()
 
-    def agree(self, step_losses):
+    def agree(self, step_losses, stop_requested):
         """The global losses of the step (each rank's share-weighted losses summed), or None on every
-        rank when a loss was non-finite on any: one small all-reduce."""
+        rank when a loss was non-finite on any; and whether any rank was asked to stop, so that all
+        stop after the same step: one small all-reduce."""
         names = self.flat.task_names
-        values = torch.zeros(1 + 2 * len(names), dtype=torch.float64)
+        values = torch.zeros(2 + 2 * len(names), dtype=torch.float64)
+        values[1] = float(stop_requested)
         if step_losses is None:
             values[0] = 1.0
         else:
             for k, task in enumerate(names):
                 if task in step_losses:
-                    values[1 + k], values[1 + len(names) + k] = step_losses[task], 1.0
+                    values[2 + k], values[2 + len(names) + k] = step_losses[task], 1.0
         values = distributed.all_reduce_sum(values.to(self.flat.params.device)).cpu()
+        stop = bool(values[1] > 0)
         if values[0] > 0:
-            return None
-        return {task: float(values[1 + k]) for k, task in enumerate(names) if values[1 + len(names) + k] > 0}
+            return None, stop
+        return {task: float(values[2 + k]) for k, task in enumerate(names) if values[2 + len(names) + k] > 0}, stop
 
 
 def make_gradient_path(model, config) -> GradientPath:

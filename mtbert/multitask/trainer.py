@@ -363,10 +363,16 @@ class Trainer:
         self.token_slots = {t: [0, 0] for t in config.tasks}  # real tokens, padded slots this epoch
         self.loss_window = {t: [0.0, 0] for t in config.tasks}  # loss sum, count since the last record
         self.stop_reason = None
+        self._stop_agreed = False  # under torchrun: whether the last step's all-reduce carried a stop request
 
     def request_stop(self, reason="a stop request"):
         """Asks ``fit()`` to checkpoint and stop at the next step boundary (safe from a signal handler)."""
         self.stop_reason = reason
+
+    def _stopping(self):
+        """Whether to stop at this step boundary: on one process as soon as asked; under torchrun
+        when the last step's all-reduce carried a request, so that every process stops after the same step."""
+        return self.stop_reason is not None if self.world_size == 1 else self._stop_agreed
 
     # -- setup --------------------------------------------------------------------------------
     def _load_data(self):
@@ -547,7 +553,9 @@ class Trainer:
                 break
             for task, value in losses.items():
                 local_losses[task] = local_losses.get(task, 0.0) + value
-        step_losses = self.gradients.agree(local_losses)
+        step_losses, self._stop_agreed = self.gradients.agree(local_losses, self.stop_reason is not None)
+        if self._stop_agreed and self.stop_reason is None:
+            self.stop_reason = "a stop request to another process"
         if step_losses is None:
             if local_losses is not None:  # another rank's loss was non-finite
                 self.skipped_steps += 1
@@ -612,7 +620,7 @@ class Trainer:
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
         while self.epoch < cfg.epochs:
             self._run_epoch()
-            if self.stop_reason is not None and self.epoch < cfg.epochs:
+            if self._stopping() and self.epoch < cfg.epochs:
                 raise TrainingStopped(self.stop_reason, self.out / "last.pt", self.global_step)  # saved at epoch end
         return self.finish()
 
@@ -649,7 +657,7 @@ class Trainer:
             if self.on_step is not None:
                 self.on_step(self)
             kill_point("step", self.global_step)
-            if self.stop_reason is not None and self.step_in_epoch < len(plan):
+            if self._stopping() and self.step_in_epoch < len(plan):
                 bar.close()
                 raise TrainingStopped(self.stop_reason, self.save(), self.global_step)
             step_started = time.perf_counter()
