@@ -170,3 +170,58 @@ def test_opcheck():
     args = (torch.randn(n), torch.randn(n), torch.rand(n), torch.randn(n), torch.tensor([[0, 20, 3], [24, 37, 1]]),
             1e-3, 0.9, 0.999, 1e-6, 0.01, True, "handout")
     torch.library.opcheck(torch.ops.mtbert.adamw_step.default, args)
+
+
+@pytest.mark.parametrize("cut", [0, 48, 77, 208])
+def test_two_shards_update_as_the_whole_buffer_and_save_its_state(cut, one_thread):
+    """Two optimizers over the columns [0, cut) and [cut, P) of one flat buffer (what two ranks hold)
+    step like one unsharded optimizer (bit for bit when the cut is aligned to the kernel's vectors,
+    as mtbert.distributed's shards are); their gathered state_dict is the unsharded one's and loads
+    into an unsharded optimizer and back into shards."""
+    def same(a, b):
+        if cut % 16 == 0:
+            return torch.equal(a, b)
+        return torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+
+    reference, sharded = small_model(), small_model()
+    full = FusedAdamW(decay_groups(reference, 0.01), lr=1e-2)
+    numel = FusedAdamW(decay_groups(small_model(), 0.01)).flat.numel
+    shards = []
+
+    def gather(local):  # what the all-gather of the ranks' shards gives
+        name = "exp_avg" if any(local is s.exp_avg for s in shards) else "exp_avg_sq"
+        return torch.cat([getattr(s, name) for s in shards])
+
+    groups = decay_groups(sharded, 0.01)
+    shards += [FusedAdamW(groups, lr=1e-2, shard=(0, cut), gather_shards=gather),
+               FusedAdamW(groups, lr=1e-2, shard=(cut, numel), gather_shards=gather)]
+    assert [s.exp_avg.numel() for s in shards] == [cut, numel - cut]
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(10):
+        x = torch.randn(8, 13, generator=gen)
+        for model, optimizers in ((reference, [full]), (sharded, shards)):
+            model(x).pow(2).mean().backward()
+            for optimizer in optimizers:
+                optimizer.step()
+            optimizers[0].zero_grad()
+    for p, q in zip(reference.parameters(), sharded.parameters()):
+        assert same(p, q)
+    saved = shards[0].state_dict()
+    expected = full.state_dict()
+    for index, state in expected["state"].items():
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert same(saved["state"][index][key], state[key]), (index, key)
+    unsharded = FusedAdamW(decay_groups(small_model(), 0.01), lr=1e-2)
+    unsharded.load_state_dict(saved)
+    assert same(unsharded.exp_avg, full.exp_avg)
+    shard = FusedAdamW(decay_groups(small_model(), 0.01), lr=1e-2, shard=(cut, numel), gather_shards=gather)
+    shard.load_state_dict(expected)
+    assert torch.equal(shard.exp_avg_sq, full.exp_avg_sq[cut:])  # copied
+
+
+def test_bad_shard_names_the_argument():
+    p = [torch.nn.Parameter(torch.randn(3))]
+    with pytest.raises(ValueError, match=r"shard must be \(begin, end\) with 0 <= begin <= end <= 16"):
+        FusedAdamW(p, shard=(0, 17), gather_shards=lambda t: t)
+    with pytest.raises(ValueError, match="shard and gather_shards go together"):
+        FusedAdamW([torch.nn.Parameter(torch.randn(3))], shard=(0, 16))

@@ -7,6 +7,7 @@ import torch
 
 from mtbert.data import (DEFAULT_FILES, Example, LengthBucketSampler, collate, example_lengths, load_task_file,
                          write_synthetic_data)
+from mtbert.multitask.data import rank_share
 from mtbert.tokenizer import Tokenizer
 
 
@@ -150,6 +151,16 @@ def test_bucket_sampler_covers_every_index_once(n, batch_size):
     assert batches == LengthBucketSampler(lengths, batch_size, seed=3, pool_batches=4).batches(epoch=0)
     if n > batch_size:
         assert batches != sampler.batches(epoch=1)
+
+
+@pytest.mark.parametrize("size,world_size", [(16, 2), (16, 3), (8, 3), (2, 3), (1, 1)])
+def test_rank_shares_split_a_batch_disjointly_and_evenly(size, world_size):
+    batch = [100 + i for i in range(size)]
+    shares = [rank_share(batch, rank, world_size) for rank in range(world_size)]
+    assert sorted(i for share in shares for i in share) == batch
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    with pytest.raises(ValueError, match=r"rank must be in \[0, world_size=2\)"):
+        rank_share(batch, 2, 2)
 
 
 def test_bucketing_reduces_padding_and_reports_it():

@@ -176,6 +176,30 @@ def runs(tiny_model_dir, toy_data, tmp_path_factory):
             "stopped_checkpoint": results / "stopped" / "last.pt"}
 
 
+@pytest.mark.parametrize("numel,world_size", [(16, 1), (1000, 2), (1000, 3), (48, 4), (32, 3)])
+def test_column_shards_are_aligned_and_cover_the_buffer(numel, world_size):
+    shards = distributed.column_shards(numel, world_size)
+    assert shards[0][0] == 0 and shards[-1][1] == numel
+    assert all(end == begin for (_, end), (begin, _) in zip(shards, shards[1:]))
+    width = shards[0][1] - shards[0][0]
+    assert width % 16 == 0 and numel <= width * world_size < numel + 16 * world_size  # equal chunks, least padding
+    with pytest.raises(ValueError, match="world_size must be >= 1"):
+        distributed.column_shards(numel, 0)
+
+
+def test_shard_boundaries_clip_the_segments_to_the_shard():
+    # segments [0, 40) shared, [40, 56), [56, 64), [64, 80) heads; the shard [48, 80) padded to 48 columns
+    assert distributed.shard_boundaries([0, 40, 56, 64, 80], 48, 48) == [0, 0, 8, 16, 48]
+    assert distributed.shard_boundaries([0, 40, 56, 64, 80], 0, 48) == [0, 40, 48, 48, 48]
+
+
+def test_bad_process_group_settings_name_the_argument():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        distributed.init_process_group(torch.device("cpu"), "mpi")
+    with pytest.raises(ValueError, match="timeout_s must be a positive"):
+        distributed.init_process_group(torch.device("cpu"), "gloo", timeout_s=0)
+
+
 def _relative(a, b):
     return float((a - b).norm() / b.norm())
 
