@@ -5,9 +5,13 @@ checkpoints saved with 2 ranks resume with 1 and 2; a failing rank ends the job 
 
 The processes are spawned once per world size (a module fixture) and run every scenario in turn;
 each rank saves what it saw, the tests compare it with a single-process run here."""
+import json
 import os
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -272,3 +276,22 @@ def test_a_failing_rank_ends_the_job_with_its_error(runs):
     message, seconds = runs["failure"]
     assert FAILURE in message and "ValueError" in message
     assert seconds < 60
+
+
+def test_torchrun_cli_trains_with_rank_0_alone_writing(tiny_model_dir, tmp_path):
+    """``torchrun --nproc_per_node 2 -m mtbert.train`` on the synthetic set (which rank 0 writes and
+    the other reads)."""
+    out = tmp_path / "run"
+    flags = ["--model", str(tiny_model_dir), "--epochs", "1", "--batch_size", "16", "--lr", "1e-3",
+             "--max-train-examples", "32", "--max-dev-examples", "16", "--out", str(out), "--no-progress", "--log-every", "1"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(_free_port()), "-m", "mtbert.train", "--synthetic", *flags],
+                         capture_output=True, text=True, env=environment, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("| SST acc |") == 1  # rank 0 alone prints the table
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]  # written once, not once per rank
+    assert [r["kind"] for r in records].count("final") == 1
+    assert (out / "predictions" / "sts-test-output.csv").is_file()
+    assert load_checkpoint(out / "last.pt")["global_step"] == 2
