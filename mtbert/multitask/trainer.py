@@ -662,13 +662,6 @@ class Trainer:
                 raise TrainingStopped(self.stop_reason, self.save(), self.global_step)
             step_started = time.perf_counter()
         bar.close()
-        self._evaluate_epoch()
-        self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        self.save()
-
-    def _evaluate_epoch(self):
-        """Dev scores of the epoch just trained (every process predicts its share), their records,
-        and best.pt when they are the best (rank 0 writes)."""
         padding = {t: 1.0 - real / slots for t, (real, slots) in self.token_slots.items() if slots}
         logger.info("epoch %d padding (measured): %s", self.epoch + 1,
                     ", ".join(f"{t} {100 * f:.1f}% of token slots" for t, f in padding.items()))
@@ -679,12 +672,14 @@ class Trainer:
         self._record(kind="dev", epoch=self.epoch + 1, step=self.global_step,
                      train_minutes=self.train_seconds / 60, **scores)
         selection = scores.get("overall", sum(scores.values()) / len(scores))
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
         if selection > self.best_overall:
             self.best_overall = selection
-            self._best_dev = (self.epoch + 1, scores, predictions)
+            self._best_dev = (self.epoch, scores, predictions)
             if self.is_main:
                 save_checkpoint({"config": self.config.to_dict(), "model": self.model.state_dict(), "dev": scores,
-                                 "epoch": self.epoch + 1}, self.out / "best.pt")
+                                 "epoch": self.epoch}, self.out / "best.pt")
+        self.save()
 
     def evaluate(self, sets=None, sharded=True):
         """Scores and predictions of ``sets`` (default: the dev sets). Under torchrun, ``sharded``:
