@@ -6,11 +6,11 @@ everything), on all-MiniLM-L6-v2 with a batch of 16 per task (SST, Quora, STS), 
 
 Per world size (1 and 2 processes): time per step and its split (forward + backward, waiting for
 the slowest rank (a barrier, so that each collective's time is its own), reduce-scatter (the
-all-reduce of the rows in the plain design), Gram + combine, Gram all-reduce, optimizer, all-gather), the bytes of each collective's tensor, the
-ring-algorithm traffic per rank of both designs (reduce-scatter and all-gather move (R-1)/R of
-their tensor, an all-reduce 2(R-1)/R), and the optimizer state per rank. Gloo emulates
-reduce-scatter, so on the CPU the plain all-reduce can be faster in wall time: the table says what
-was measured.
+all-reduce of the rows in the plain design), Gram + combine, Gram all-reduce, optimizer,
+all-gather), the bytes of each collective's tensor, the ring-algorithm traffic per rank of both
+designs (reduce-scatter and all-gather move (R-1)/R of their tensor, an all-reduce 2(R-1)/R), and
+the optimizer state per rank. Gloo emulates reduce-scatter, so on the CPU the plain all-reduce can
+be faster in wall time: the table says what was measured.
 
     python benchmarks/bench_distributed.py            # prints the table, writes results/distributed.md
     pytest benchmarks/bench_distributed.py -o python_files='bench_*.py'   # also checks the goals
@@ -34,13 +34,15 @@ from mtbert.multitask.trainer import Trainer, TrainConfig
 DATA_DIR = Path(os.environ.get("MTBERT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 RESULTS = Path(__file__).resolve().parent / "results" / "distributed.md"
 WARMUP_STEPS, TIMED_STEPS = 1, 3
-SPLIT = ("forward + backward", "waiting for the slowest rank", "reduce-scatter", "Gram + combine", "Gram all-reduce", "optimizer", "all-gather")
+SPLIT = ("forward + backward", "waiting for the slowest rank", "reduce-scatter", "Gram + combine", "Gram all-reduce",
+         "optimizer", "all-gather")
 
 
 def _trainer(out):
     data = DATA_DIR if (DATA_DIR / "ids-sst-train.csv").is_file() else write_synthetic_data(Path(out) / "data")
     config = TrainConfig(data=str(data), out=str(out), epochs=1, batch_size=16, max_train_examples=400,
-                         max_dev_examples=2, lr=1e-4, grad_method="pcgrad", progress=False, save_every=0, use_gpu=torch.cuda.is_available())
+                         max_dev_examples=2, lr=1e-4, grad_method="pcgrad", progress=False, save_every=0,
+                         use_gpu=torch.cuda.is_available())
     return Trainer(config)
 
 

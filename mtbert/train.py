@@ -114,7 +114,8 @@ def build_parser():
                                help="torch.distributed backend under torchrun (default: nccl on CUDA, gloo on the CPU)")
     groups["run"].add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT_S, metavar="SECONDS",
                                help="how long a rank waits for the others in a collective before the job fails "
-                                    "(default: %(default)s; the others wait while rank 0 writes checkpoints and predictions)")
+                                    "(default: %(default)s; the others wait while rank 0 writes checkpoints and "
+                                    "predictions)")
     groups["run"].add_argument("--debug", action="store_true", default=False,
                                help="show the traceback of an error in what was given, not only its message")
     return parser

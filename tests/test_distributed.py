@@ -80,34 +80,39 @@ def _gram_of_gathered_rows(rank, world):
     return {"gram": gram, "gram_reference": reference, "rows": rows, "rows_summed": summed}
 
 
-def _count_collectives(monkeypatch_targets, counts):
-    def counting(name, function):
-        def call(*args, **kwargs):
-            counts[name] = counts.get(name, 0) + 1
-            return function(*args, **kwargs)
-        return call
-    for name in monkeypatch_targets:
-        setattr(dist, name, counting(name, getattr(dist, name)))
+# Every torch.distributed collective a step could call.
+COLLECTIVES = ("all_reduce", "reduce_scatter_single", "all_gather_single", "reduce_scatter_tensor",
+               "all_gather_into_tensor", "reduce_scatter", "all_gather", "broadcast", "broadcast_object_list",
+               "all_gather_object", "barrier", "reduce", "gather", "scatter")
 
 
 def _counted_step(setup, out):
     """One pcgrad step with every torch.distributed collective and every example forwarded counted."""
     trainer = _trainer(setup, out, grad_method="pcgrad")
-    examples = []
-    loss = trainer.model.loss
-    trainer.model.loss = lambda task, scores, labels: (examples.append(len(labels)), loss(task, scores, labels))[1]
-    names = ["all_reduce", "reduce_scatter_single", "all_gather_single", "reduce_scatter_tensor", "all_gather_into_tensor", "reduce_scatter", "all_gather",
-             "broadcast", "broadcast_object_list", "all_gather_object", "barrier", "reduce", "gather", "scatter"]
-    originals = {name: getattr(dist, name) for name in names}
-    counts = {}
-    _count_collectives(names, counts)
+    examples, calls = [], {}
+    task_loss = trainer.model.loss
+
+    def counted_loss(task, scores, labels):
+        examples.append(len(labels))
+        return task_loss(task, scores, labels)
+
+    def counted(name, collective):
+        def call(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return collective(*args, **kwargs)
+        return call
+
+    trainer.model.loss = counted_loss
+    originals = {name: getattr(dist, name) for name in COLLECTIVES}
+    for name, collective in originals.items():
+        setattr(dist, name, counted(name, collective))
     try:
         _, global_examples = trainer.train_step(list(trainer.config.tasks))
     finally:
-        for name, function in originals.items():
-            setattr(dist, name, function)
-    return {"collectives": counts, "examples": sum(examples), "global_examples": global_examples, "state_numel": trainer.optimizer.exp_avg.numel(),
-            "numel": trainer.gradients.flat.numel}
+        for name, collective in originals.items():
+            setattr(dist, name, collective)
+    return {"collectives": calls, "examples": sum(examples), "global_examples": global_examples,
+            "state_numel": trainer.optimizer.exp_avg.numel(), "numel": trainer.gradients.flat.numel}
 
 
 def _worker(rank, world, port, setup, results):
@@ -283,7 +288,8 @@ def test_torchrun_cli_trains_with_rank_0_alone_writing(tiny_model_dir, tmp_path)
     the other reads)."""
     out = tmp_path / "run"
     flags = ["--model", str(tiny_model_dir), "--epochs", "1", "--batch_size", "16", "--lr", "1e-3",
-             "--max-train-examples", "32", "--max-dev-examples", "16", "--out", str(out), "--no-progress", "--log-every", "1"]
+             "--max-train-examples", "32", "--max-dev-examples", "16", "--out", str(out), "--no-progress",
+             "--log-every", "1"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_port", str(_free_port()), "-m", "mtbert.train", "--synthetic", *flags],

@@ -693,7 +693,9 @@ class Trainer:
         """:func:`evaluation.predict` of this process's share of ``examples``, the shares of all
         processes gathered back into the examples' order."""
         indices = rank_share(range(len(examples)), self.rank, self.world_size)
-        mine = evaluation.predict(model, task, [examples[i] for i in indices], tokenizer, **options) if indices else None
+        mine = None
+        if indices:
+            mine = evaluation.predict(model, task, [examples[i] for i in indices], tokenizer, **options)
         shares = [(i, p) for i, p in distributed.all_gather_objects((indices, mine)) if i]
         order = torch.tensor([i for share, _ in shares for i in share])
         if not torch.equal(order.sort().values, torch.arange(len(examples))):
