@@ -250,7 +250,7 @@ def test_each_rank_forwards_its_share_and_holds_its_shard_of_the_optimizer_state
     assert all(c["examples"] <= -(-global_batch // world) + 3 for c in counted)  # a share of each task's batch
     for c in counted:
         # reduce-scatter of the rows, all-reduce of the Gram and of the step's losses, all-gather of the parameters
-        assert c["collectives"] == {"reduce_scatter_single": 1, "all_reduce": 2, "all_gather_single": 1}
+        assert c["collectives"] == {"reduce_scatter": 1, "all_reduce": 2, "all_gather_single": 1}
         assert c["numel"] / world - 16 <= c["state_numel"] <= c["numel"] / world + 16
     assert sum(c["state_numel"] for c in counted) == counted[0]["numel"]
 
