@@ -333,6 +333,10 @@ class Trainer:
         # Under torchrun each rank trains on its share of every batch; rank 0 alone writes.
         self.rank, self.world_size = distributed.rank_and_world_size()
         self.is_main = self.rank == 0
+        if (self.world_size > 1 or config.grad_accum > 1) and config.sts_loss == "cosent" and "sts" in config.tasks:
+            warnings.warn("--sts-loss cosent ranks the pairs within a batch, here within each process's share "
+                          "(torchrun) or micro-batch (--grad-accum): not the objective of whole batches (the other "
+                          "losses are means over examples, split exactly)")
         self.device = torch.device("cuda" if config.use_gpu and torch.cuda.is_available() else "cpu")
         if config.use_gpu and self.device.type != "cuda":
             warnings.warn("--use_gpu given but CUDA is not available; training on the CPU")
