@@ -301,3 +301,9 @@ def test_torchrun_cli_trains_with_rank_0_alone_writing(tiny_model_dir, tmp_path)
     assert [r["kind"] for r in records].count("final") == 1
     assert (out / "predictions" / "sts-test-output.csv").is_file()
     assert load_checkpoint(out / "last.pt")["global_step"] == 2
+
+
+def test_cosent_split_over_micro_batches_warns(tiny_model_dir, toy_data, tmp_path):
+    setup = {"data": str(toy_data), "model": str(tiny_model_dir)}
+    with pytest.warns(UserWarning, match="cosent ranks the pairs within a batch"):
+        Trainer(_config(setup, tmp_path, sts_loss="cosent", grad_accum=2))
