@@ -282,7 +282,12 @@ def main(argv=None):
     main_rank = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(level=logging.INFO if main_rank else logging.ERROR,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return run_command("mtbert-train", lambda: _train(args), debug=args.debug)
+    body = lambda: _train(args)  # noqa: E731
+    if distributed.launched_with_several_ranks():
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        body = record(body)  # torchrun's failure summary then shows the failing rank's traceback
+    return run_command("mtbert-train", body, debug=args.debug)
 
 
 if __name__ == "__main__":
