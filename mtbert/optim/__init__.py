@@ -34,11 +34,13 @@ API
     ``.combine(method="sum", *, scope="shared"|"all", reduction="sum"|"mean", generator=None,
     orders=None, main=None, aux_weight=0.3, symmetric=False) -> GradientCombination``.
 ``FusedAdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True,
-    formula="handout"|"torch")``: a torch.optim.Optimizer; ``.flat``; state_dict in
-    torch.optim.AdamW's layout.
+    formula="handout"|"torch", shard=None, gather_shards=None)``: a torch.optim.Optimizer; ``.flat``;
+    state_dict in torch.optim.AdamW's layout; ``shard=(begin, end)`` holds state for and updates
+    those buffer columns only (ZeRO-1; ``gather_shards`` rebuilds the full state for state_dict).
 ``combine_gradients(grads[K, P], out[P], method="sum"|"pcgrad"|"main-aux"|callable, *,
     boundaries=None, reduction="sum", generator=None, orders=None, main=0, aux_weight=0.3,
-    symmetric=False) -> GradientCombination(gram [C, K, K] | None, weights [C, K])``.
+    symmetric=False, reduce_gram=None) -> GradientCombination(gram [C, K, K] | None, weights [C, K])``
+    (``reduce_gram``: the shard's Gram -> the whole buffer's, e.g. an all-reduce; ``mtbert.distributed``).
 Weightings (K x K step, Gram [K, K] float64 -> row weights [K] float64): ``sum_weights``,
     ``pcgrad_weights(gram, orders=None, generator=None)``, ``main_aux_weights(gram, main=0,
     aux_weight=0.3, symmetric=False)``; any such callable can be passed as ``method``.
