@@ -56,7 +56,11 @@ def _combined_gradient(trainer):
 def _train(trainer, steps, evaluate=False):
     for _ in range(steps):
         trainer.train_step(list(trainer.config.tasks))
-    trained = {"params": trainer.gradients.flat.params.clone(), "grad": _combined_gradient(trainer)}
+    flat = trainer.gradients.flat
+    # Parameter by parameter: the buffers' padding differs with the number of processes.
+    spans = [flat.span(p) for p in flat.parameters()]
+    trained = {name: torch.cat([buffer[begin:end] for begin, end in spans])
+               for name, buffer in (("params", flat.params), ("grad", _combined_gradient(trainer)))}
     if evaluate:  # under torchrun each rank predicts its share of the dev examples
         trained["dev"] = trainer.evaluate()
     return trained
@@ -67,7 +71,8 @@ def _gram_of_gathered_rows(rank, world):
     float64 Gram of the gathered summed rows."""
     torch.manual_seed(0)
     shared, heads = torch.nn.Parameter(torch.zeros(531)), [torch.nn.Parameter(torch.zeros(n)) for n in (30, 17, 5)]
-    flat = FlatParameters(shared=[shared], tasks={name: [p] for name, p in zip("abc", heads)})
+    flat = FlatParameters(shared=[shared], tasks={name: [p] for name, p in zip("abc", heads)},
+                          numel_multiple=world * 16)
     flat.grads.copy_(torch.randn(flat.grads.shape, generator=torch.Generator().manual_seed(rank)))
     sharded = distributed.ShardedRows(flat)
     sharded.reduce_scatter()
@@ -112,7 +117,8 @@ def _counted_step(setup, out):
         for name, collective in originals.items():
             setattr(dist, name, collective)
     return {"collectives": calls, "examples": sum(examples), "global_examples": global_examples,
-            "state_numel": trainer.optimizer.exp_avg.numel(), "numel": trainer.gradients.flat.numel}
+            "state_numel": trainer.optimizer.exp_avg.numel(), "numel": trainer.gradients.flat.numel,
+            "tasks": trainer.gradients.flat.num_tasks}
 
 
 def _worker(rank, world, port, setup, results):
@@ -249,8 +255,8 @@ def test_each_rank_forwards_its_share_and_holds_its_shard_of_the_optimizer_state
     assert sum(c["examples"] for c in counted) == global_batch
     assert all(c["examples"] <= -(-global_batch // world) + 3 for c in counted)  # a share of each task's batch
     for c in counted:
-        # reduce-scatter of the rows, all-reduce of the Gram and of the step's losses, all-gather of the parameters
-        assert c["collectives"] == {"reduce_scatter": 1, "all_reduce": 2, "all_gather_single": 1}
+        # a reduce-scatter per row, all-reduce of the Gram and of the step's losses, all-gather of the parameters
+        assert c["collectives"] == {"reduce_scatter": c["tasks"], "all_reduce": 2, "all_gather_single": 1}
         assert c["numel"] / world - 16 <= c["state_numel"] <= c["numel"] / world + 16
     assert sum(c["state_numel"] for c in counted) == counted[0]["numel"]
 

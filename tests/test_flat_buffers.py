@@ -213,3 +213,12 @@ def test_own_rows_sends_each_head_to_its_row_and_refuses_mixed_shared_gradients(
         with flat.own_rows():
             model.loss("sst", x).backward()
     assert flat.selected_task is None
+
+
+def test_numel_multiple_pads_the_last_segment():
+    shared, head = torch.nn.Parameter(torch.randn(40)), torch.nn.Parameter(torch.randn(5))
+    flat = FlatParameters([shared], {"a": [head]}, numel_multiple=3 * 16)
+    assert flat.numel == 96 and flat.boundaries == [0, 48, 96] and flat.grads.shape == (1, 96)
+    assert torch.equal(flat.params[48:53], head.detach().reshape(-1)) and not flat.params[53:].any()
+    with pytest.raises(ValueError, match="numel_multiple must be an integer >= 1"):
+        FlatParameters([torch.nn.Parameter(torch.randn(3))], numel_multiple=0)

@@ -6,7 +6,7 @@ import torch
 
 from .. import distributed
 from ..kernels import GradientSegments
-from ..optim import FlatParameters, FusedAdamW
+from ..optim import ALIGNMENT, FlatParameters, FusedAdamW
 
 
 def decay_groups(parameters, weight_decay):
@@ -29,12 +29,16 @@ class GradientPath:
 
     def __init__(self, model, config):
         groups = model.task_parameters()
-        self.flat = FlatParameters(shared=groups["shared"], tasks={t: groups[t] for t in config.tasks})
+        self.flat = FlatParameters(shared=groups["shared"], tasks={t: groups[t] for t in config.tasks},
+                                   numel_multiple=self._numel_multiple())
         self.optimizer = self._make_optimizer(decay_groups(self.flat.parameters(), config.weight_decay), config.lr)
         self.method = config.grad_method
         self.main_task = config.main_task if config.grad_method == "main-aux" else None
         self.aux_weight = config.aux_weight
         self.generator = torch.Generator().manual_seed(config.seed)
+
+    def _numel_multiple(self):
+        return 1
 
     def _make_optimizer(self, groups, lr):
         return FusedAdamW(groups, lr=lr)
@@ -94,6 +98,9 @@ class DistributedGradientPath(GradientPath):
     reduce-scattered; the Gram matrix is all-reduced, so every rank derives the weights of the
     global rows; each rank combines and updates its column shard (optimizer state for about P/N
     columns), then the parameters are all-gathered."""
+
+    def _numel_multiple(self):
+        return distributed.rank_and_world_size()[1] * ALIGNMENT  # equal column shards
 
     def _make_optimizer(self, groups, lr):
         self.sharded = distributed.ShardedRows(self.flat)

@@ -48,15 +48,19 @@ class FlatParameters:
     ``GradScaler.unscale_`` and the optimizer see the combined gradient. Padding between parameters
     (for alignment) is zero in every buffer. Pack after moving the model to its device: ``.to()``,
     ``.cuda()`` or ``.half()`` replace the parameters' storage and detach them from the buffer
-    (``is_intact()`` says whether they still are views). ``model.load_state_dict`` copies into the
+    (``is_intact()`` says whether they still are views). ``numel_multiple`` pads the buffers'
+    length P (the last segment) to a multiple of it: equal column shards for data-parallel
+    training (``mtbert.distributed``). ``model.load_state_dict`` copies into the
     views and keeps them. ``model.state_dict()`` tensors are views too: ``torch.save`` stores the
     buffer once; safetensors needs ``{k: v.clone()}``.
     """
 
     def __init__(self, shared: Iterable[torch.nn.Parameter],
-                 tasks: Optional[Mapping[str, Iterable[torch.nn.Parameter]]] = None):
+                 tasks: Optional[Mapping[str, Iterable[torch.nn.Parameter]]] = None, numel_multiple: int = 1):
         if tasks is not None and not isinstance(tasks, Mapping):
             raise TypeError(f"tasks must be a mapping from task name to parameters, got {type(tasks).__name__}")
+        if not (isinstance(numel_multiple, int) and numel_multiple >= 1):
+            raise ValueError(f"numel_multiple must be an integer >= 1, got {numel_multiple!r}")
         self.task_names: List[str] = list(tasks or {})
         groups = [("shared", list(shared))] + [(f"tasks[{name!r}]", list(tasks[name])) for name in self.task_names]
         self._parameters: List[torch.nn.Parameter] = []
@@ -84,6 +88,7 @@ class FlatParameters:
                 self._spans.append((offset, offset + p.numel()))
                 offset += -(-p.numel() // ALIGNMENT) * ALIGNMENT
             self.boundaries.append(offset)
+        self.boundaries[-1] = offset = -(-offset // numel_multiple) * numel_multiple
         device = device or torch.device("cpu")
         P, K = offset, max(1, len(self.task_names))
         self.params = torch.zeros(P, dtype=torch.float32, device=device)
