@@ -5,6 +5,7 @@ checkpoints saved with 2 ranks resume with 1 and 2; a failing rank ends the job 
 
 The processes are spawned once per world size (a module fixture) and run every scenario in turn;
 each rank saves what it saw, the tests compare it with a single-process run here."""
+import contextlib
 import json
 import os
 import socket
@@ -141,6 +142,20 @@ def _worker(rank, world, port, setup, results):
         resumed = _trainer(setup, out, grad_method="pcgrad")
         resumed.load_state_dict(load_checkpoint(out / "last.pt"))
         seen["resumed"] = _train(resumed, STEPS - SAVED_AFTER)
+    if world == 2:  # a non-finite loss on rank 1 alone: both ranks skip that step
+        trainer = _trainer(setup, results / "non-finite")
+        task_loss, calls = trainer.model.loss, []
+
+        def non_finite_once(task, scores, labels):
+            calls.append(task)
+            loss = task_loss(task, scores, labels)
+            return loss * float("nan") if rank == 1 and len(calls) == 1 else loss
+        trainer.model.loss = non_finite_once
+        with pytest.warns(UserWarning, match="non-finite") if rank == 1 else contextlib.nullcontext():
+            skipped, _ = trainer.train_step(list(trainer.config.tasks))
+        taken, _ = trainer.train_step(list(trainer.config.tasks))
+        seen["non_finite"] = {"skipped": skipped, "taken": taken, "skipped_steps": trainer.skipped_steps,
+                              "params": trainer.gradients.flat.params.clone()}
     if world == 2:  # rank 1 alone is asked to stop after step 1: both stop after step 2, the next all-reduce
         def ask_rank_1_to_stop(trainer):
             if rank == 1 and trainer.global_step == 1:
@@ -275,6 +290,13 @@ def test_checkpoint_saved_by_two_ranks_resumes_with_one_and_with_two(runs):
     for seen in runs["seen"][2]:
         assert _relative(seen["continued"]["params"], uninterrupted) < 1e-6
         assert _relative(seen["resumed"]["params"], uninterrupted) < 1e-6
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(runs):
+    ranks = [seen["non_finite"] for seen in runs["seen"][2]]
+    assert all(r["skipped"] is None and r["skipped_steps"] == 1 for r in ranks)
+    assert ranks[0]["taken"] == ranks[1]["taken"] and set(ranks[0]["taken"]) == {"sst", "para", "sts"}
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
 
 
 def test_a_stop_request_to_one_rank_stops_every_rank_after_the_same_step(runs):
