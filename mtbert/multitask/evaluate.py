@@ -55,6 +55,12 @@ def evaluate(model, dev_sets, tokenizer, **predict_options):
     return scores, predictions
 
 
+def selection_score(scores) -> float:
+    """The number best.pt maximises: the overall score when all three tasks are scored, else the
+    mean of the scores."""
+    return scores.get("overall", sum(scores.values()) / len(scores))
+
+
 def format_prediction(task, value) -> str:
     if task == "sst":
         return str(int(value))
