@@ -1,0 +1,118 @@
+"""``mtbert-predict`` / ``python -m mtbert.predict``: predictions of a trained multitask model for
+any CS224N-format files, in the starter's leaderboard format, with the metrics of the files that
+have labels; and the export of the fine-tuned encoder and its heads.
+
+    mtbert-predict --checkpoint runs/demo/best.pt --sst data/ids-sst-dev.csv \\
+        --para data/quora-dev.csv --sts data/sts-test-student.csv --out preds
+    mtbert-predict --checkpoint runs/demo/best.pt --export my-model
+
+Writes OUT/<file name without .csv>-output.csv per file and, when a file has labels,
+OUT/metrics.json (and the summary table on stdout). --export DIR writes the encoder with
+save_pretrained (config.json, model.safetensors and the tokenizer: loadable by transformers'
+BertModel and mtbert.BertModel) and the heads beside it (heads.safetensors, heads.json);
+--checkpoint also accepts such a directory.
+
+From Python:
+
+    from mtbert.predict import Predictor
+    model = Predictor.load("runs/demo/best.pt")
+    model.predict("sst", ["A gorgeous, witty, seductive movie."])       # tensor([4])
+    model.predict("sts", [("A man plays guitar.", "A man is playing a guitar.")])
+
+Exit status: 0 done; 2 a problem with what was given (told on one line naming the flag; --debug
+adds the traceback); 1 a bug.
+"""
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import ConfigError, UserError, make_directory, run_command
+from .multitask.data import TASK_SPECS, TASKS, load_task_file
+from .multitask.evaluate import summary_table, write_predictions
+from .multitask.predictor import Predictor
+
+__all__ = ["Predictor", "main"]
+
+logger = logging.getLogger("mtbert.predict")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="mtbert-predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="a run's best.pt (or last.pt), or a directory written by --export")
+    for task in TASKS:
+        parser.add_argument(f"--{task}", type=Path, metavar="FILE",
+                            help=f"a {TASK_SPECS[task].description} file in the CS224N format (labels optional)")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="directory for the prediction files and metrics.json")
+    parser.add_argument("--export", type=Path, metavar="DIR",
+                        help="write the encoder (save_pretrained) and the heads into DIR")
+    parser.add_argument("--batch-size", type=int, default=128, help="examples per batch (default: 128)")
+    parser.add_argument("--use_gpu", action="store_true", help="predict on CUDA when available")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error in what was given")
+    return parser
+
+
+def _naming(flag, action):
+    """Runs ``action()``; a :class:`UserError` it raises is raised again, same type, its message
+    starting with ``flag``."""
+    try:
+        return action()
+    except UserError as err:
+        raise type(err)(f"{flag}: {err}") from err
+
+
+def _output_names(files) -> dict:
+    """{task: prediction file name}: the input's name, .csv replaced by -output.csv."""
+    names = {task: f"{path.name.removesuffix('.csv')}-output.csv" for task, path in files.items()}
+    if len(set(names.values())) < len(names):
+        raise ConfigError(f"input files with the same name would write the same prediction file: {files}; "
+                          "rename one")
+    return names
+
+
+def _predict(args) -> int:
+    import torch
+
+    files = {task: getattr(args, task) for task in TASKS if getattr(args, task) is not None}
+    if not files and args.export is None:
+        raise ConfigError("nothing to do: give --sst, --para or --sts FILE (with --out DIR), or --export DIR")
+    if files and args.out is None:
+        raise ConfigError("--out DIR is required with --sst, --para or --sts")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = "cuda" if args.use_gpu and torch.cuda.is_available() else "cpu"
+    predictor = _naming("--checkpoint", lambda: Predictor.load(args.checkpoint, device=device,
+                                                                batch_size=args.batch_size))
+    if args.export is not None:
+        print(f"exported to {_naming('--export', lambda: predictor.export(args.export))}")
+    if not files:
+        return 0
+    task_files = {task: _naming(f"--{task}", lambda task=task: load_task_file(task, path))
+                  for task, path in files.items()}
+    untrained = [task for task in task_files if task not in predictor.tasks]
+    if untrained:
+        raise ConfigError(f"--{untrained[0]}: the model was not trained on {untrained[0]!r} "
+                          f"(its tasks: {', '.join(predictor.tasks)})")
+    names = _output_names(files)
+    out = _naming("--out", lambda: make_directory(args.out))
+    scores, predictions = predictor.score(task_files)
+    for task, task_file in task_files.items():
+        path = write_predictions(out / names[task], task, [e.id for e in task_file.examples], predictions[task])
+        print(f"{task}: {len(task_file)} predictions in {path}")
+    if scores:
+        (out / "metrics.json").write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
+        print(summary_table([(f"{args.checkpoint}", scores)]))
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return run_command("mtbert-predict", lambda: _predict(args), debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
