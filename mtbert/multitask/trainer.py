@@ -131,6 +131,12 @@ class TrainConfig:
     eval_batch_size: int = setting(128, group="optimization", help="examples per evaluation batch")
     lr: float = setting(None, group="optimization", show_default=False,
                         help="learning rate (default: 1e-3 with pretrain, 1e-5 with finetune, the starter's advice)")
+    layer_lr_decay: float = setting(1.0, "--layer-lr-decay", group="optimization", metavar="D",
+                                    help="layer-wise learning-rate decay: the top encoder layer trains at --lr, each "
+                                         "layer below at D times the one above, the embeddings at D^layers "
+                                         "(1: off; 0.8-0.95 is usual)")
+    head_lr: float = setting(None, "--head-lr", group="optimization", show_default=False,
+                             help="learning rate of the task heads (default: --lr)")
     weight_decay: float = setting(0.0, group="optimization",
                                   help="AdamW decoupled weight decay, not applied to biases and LayerNorm")
     warmup: float = setting(0.0, group="optimization",
@@ -222,8 +228,12 @@ class TrainConfig:
             raise ConfigError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if self.lr is None:
             self.lr = 1e-3 if self.option == "pretrain" else 1e-5
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr must be a positive finite number, got {self.lr}")
+        for name in ("lr", "head_lr"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive finite number, got {value}")
+        if not 0.0 < self.layer_lr_decay <= 1.0:
+            raise ConfigError(f"layer_lr_decay must be in (0, 1], got {self.layer_lr_decay}")
 
     def file(self, task, split):
         path = self.files.get(f"{task}_{split}")
