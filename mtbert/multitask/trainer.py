@@ -712,7 +712,7 @@ class Trainer:
             written.append(evaluation.write_predictions(self.config.prediction_file(task, "test"), task,
                                                         [e.id for e in test.examples], predictions))
         self._record(kind="final", epoch=best["epoch"], step=self.global_step, best_step=self.best["step"],
-                     selected_on=self.best["selected_on"], **scores)
+                     selected_on=self.best["selected_on"], selection_scores=self.best["scores"], **scores)
         from .plot import plot_metrics
 
         plot = plot_metrics(self.out)
