@@ -24,7 +24,6 @@ adds the traceback); 1 a bug.
 """
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -34,8 +33,6 @@ from .multitask.evaluate import summary_table, write_predictions
 from .multitask.predictor import Predictor
 
 __all__ = ["Predictor", "main"]
-
-logger = logging.getLogger("mtbert.predict")
 
 
 def build_parser():
@@ -110,7 +107,6 @@ def _predict(args) -> int:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     return run_command("mtbert-predict", lambda: _predict(args), debug=args.debug)
 
 

@@ -6,7 +6,7 @@ Example (the `make demo` setting, about 12 minutes on a 2-core CPU):
 
     python -m mtbert.train --data data --out runs/demo --epochs 1 --max-train-examples 8000 \\
         --batch_size 16 --lr 1e-4 --hidden_dropout_prob 0.1 --para-head cross --sts-head cosine \\
-        --sts-loss cosine-mse --grad-method pcgrad --schedule linear --warmup 0.1
+        --sts-loss cosine-mse --grad-method pcgrad --schedule linear --warmup 0.1 --eval-every 125
 
 Writes into OUT: metrics.jsonl, metrics.png, config.json, last.pt (every --save-every steps and
 each epoch; --resume OUT/last.pt continues a killed run exactly), best.pt (best overall score on

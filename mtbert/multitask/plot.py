@@ -76,10 +76,11 @@ def plot_metrics(run_dir, output=None) -> Path:
     records = read_metrics(run_dir)
     output = Path(output) if output else Path(run_dir) / "metrics.png"
     train = [r for r in records if r["kind"] == "train"]
-    figure, (loss_axes, dev_axes) = plt.subplots(1, 2, figsize=(11, 4))
+    # One step axis for both panels: losses and evaluations line up, and the run's full length shows.
+    figure, (loss_axes, dev_axes) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     for task in sorted({t for r in train for t in r["loss"]}):
         points = [(r["step"], r["loss"][task]) for r in train if task in r["loss"]]
-        loss_axes.plot(*zip(*points), label=task)
+        loss_axes.plot(*zip(*points), marker="o", markersize=2, label=task)  # a one-record run shows its point
     loss_axes.set(xlabel="step", ylabel="training loss (mean since last point)", title="training loss per task")
     if train:
         loss_axes.legend()
