@@ -649,7 +649,9 @@ class Trainer:
                              lr=self.scheduler.get_last_lr()[0], skipped_steps=self.skipped_steps)
                 window = self.loss_window = {t: [0.0, 0] for t in cfg.tasks}
             if cfg.eval_every and self.global_step % cfg.eval_every == 0 and self.step_in_epoch < len(plan):
-                step_started += self._select()  # evaluation time is not training time
+                evaluation_seconds = self._select()
+                started += evaluation_seconds  # evaluation time is neither training time nor training speed
+                step_started += evaluation_seconds
             if cfg.save_every and self.global_step % cfg.save_every == 0 and self.step_in_epoch < len(plan):
                 self.save()
             self.train_seconds += time.perf_counter() - step_started
