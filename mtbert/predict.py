@@ -5,6 +5,7 @@ have labels; and the export of the fine-tuned encoder and its heads.
     mtbert-predict --checkpoint runs/demo/best.pt --sst data/ids-sst-dev.csv \\
         --para data/quora-dev.csv --sts data/sts-test-student.csv --out preds
     mtbert-predict --checkpoint runs/demo/best.pt --export my-model
+    mtbert-predict --checkpoint runs/seed*/best.pt --sst data/ids-sst-dev.csv --out preds   # an ensemble
 
 Writes OUT/<file name without .csv>-output.csv per file and, when a file has labels,
 OUT/metrics.json (and the summary table on stdout). --export DIR writes the encoder with
@@ -30,16 +31,17 @@ from pathlib import Path
 from .errors import ConfigError, UserError, make_directory, run_command
 from .multitask.data import TASK_SPECS, TASKS, load_task_file
 from .multitask.evaluate import summary_table, write_predictions
-from .multitask.predictor import Predictor
+from .multitask.predictor import Ensemble, Predictor
 
-__all__ = ["Predictor", "main"]
+__all__ = ["Ensemble", "Predictor", "main"]
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="mtbert-predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="a run's best.pt (or last.pt), or a directory written by --export")
+    parser.add_argument("--checkpoint", required=True, nargs="+", metavar="PATH",
+                        help="a run's best.pt (or last.pt), or a directory written by --export; several (e.g. "
+                             "one run per seed) predict as an ensemble that averages their head scores")
     for task in TASKS:
         parser.add_argument(f"--{task}", type=Path, metavar="FILE",
                             help=f"a {TASK_SPECS[task].description} file in the CS224N format (labels optional)")
@@ -81,8 +83,12 @@ def _predict(args) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = "cuda" if args.use_gpu and torch.cuda.is_available() else "cpu"
-    predictor = _naming("--checkpoint", lambda: Predictor.load(args.checkpoint, device=device,
-                                                                batch_size=args.batch_size))
+    if args.export is not None and len(args.checkpoint) > 1:
+        raise ConfigError("--export writes one model: give one --checkpoint")
+    members = [_naming("--checkpoint", lambda path=path: Predictor.load(path, device=device,
+                                                                        batch_size=args.batch_size))
+               for path in args.checkpoint]
+    predictor = members[0] if len(members) == 1 else _naming("--checkpoint", lambda: Ensemble(members))
     if args.export is not None:
         print(f"exported to {_naming('--export', lambda: predictor.export(args.export))}")
     if not files:
@@ -101,7 +107,7 @@ def _predict(args) -> int:
         print(f"{task}: {len(task_file)} predictions in {path}")
     if scores:
         (out / "metrics.json").write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
-        print(summary_table([(f"{args.checkpoint}", scores)]))
+        print(summary_table([(" + ".join(args.checkpoint), scores)]))
     return 0
 
 

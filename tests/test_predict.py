@@ -31,6 +31,19 @@ def run(tiny_model_dir, toy_data, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def other_seed_run(tiny_model_dir, toy_data, tmp_path_factory):
+    """The same run with another seed: a second ensemble member."""
+    out = tmp_path_factory.mktemp("run-seed-1")
+    config = TrainConfig(data=str(toy_data), out=str(out), model=str(tiny_model_dir), epochs=1, batch_size=16,
+                         lr=3e-3, hidden_dropout_prob=0.1, max_length=32, progress=False, para_head="cross",
+                         sts_head="cosine", sts_loss="cosine-mse", seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Trainer(config).fit()
+    return out
+
+
 def _final(out):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return next(r for r in records if r["kind"] == "final")
@@ -123,3 +136,43 @@ def test_foreign_checkpoint_and_wrong_columns_are_one_line_errors(run, toy_data,
     assert "missing column(s) ['sentence']" in errors[0]
     status, errors = _error(capsys, ["--checkpoint", str(run / "best.pt"), "--sst", str(sts_file)])
     assert status == 2 and "--out DIR is required" in errors[0]
+
+
+def _scores_of(checkpoint, task, examples):
+    """One model's head scores, straight from best.pt's weights: one padded batch, file order."""
+    from mtbert import Tokenizer
+
+    state = load_checkpoint(checkpoint)
+    model = MultitaskBert(BertModel.from_pretrained(state["config"]["model"]), para_head="cross",
+                          sts_head="cosine", sts_loss="cosine-mse")
+    model.load_state_dict(state["model"])
+    tokenizer = Tokenizer.from_pretrained(state["config"]["model"])
+    if task == "sst":
+        inputs = tokenizer([e.texts[0] for e in examples], max_length=32)
+    elif task == "para":  # the cross head: pairs encoded together
+        inputs = tokenizer([e.texts[0] for e in examples], [e.texts[1] for e in examples], max_length=32)
+    else:  # the cosine head: first sentences, then second ones
+        inputs = tokenizer([e.texts[0] for e in examples] + [e.texts[1] for e in examples], max_length=32)
+    with torch.no_grad():
+        return model.eval()(task, inputs), model
+
+
+def test_ensemble_averages_the_members_head_scores(run, other_seed_run, toy_data, tmp_path):
+    files = _dev_files(toy_data)
+    argv = ["--checkpoint", str(run / "best.pt"), str(other_seed_run / "best.pt"), "--out", str(tmp_path)]
+    for task, flag in TASK_FLAGS.items():
+        argv += [flag, str(files[task])]
+    assert predict_main(argv) == 0
+    disagreements = 0
+    for task, path in files.items():
+        examples = load_task_file(task, path).examples
+        first, model = _scores_of(run / "best.pt", task, examples)
+        second, _ = _scores_of(other_seed_run / "best.pt", task, examples)
+        expected = model.predict(task, (first + second) / 2)
+        lines = (tmp_path / f"{path.stem}-output.csv").read_text(encoding="utf-8").splitlines()[1:]
+        ours = torch.tensor([float(line.split(" , ")[1]) for line in lines], dtype=torch.float64)
+        torch.testing.assert_close(ours, expected.double(), rtol=0, atol=1e-5)
+        disagreements += int((model.predict(task, first) != model.predict(task, second)).sum())
+    assert disagreements > 0  # the members differ, so the average is not one member's prediction
+    assert predict_main(["--checkpoint", str(run / "best.pt"), str(other_seed_run / "best.pt"),
+                         "--export", str(tmp_path / "e")]) == 2

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..config import BertConfig
-from ..errors import CheckpointError, MissingFileError
+from ..errors import CheckpointError, ConfigError, MissingFileError
 from ..model import BertModel
 from ..pretrained import resolve_model_dir
 from ..tokenizer import Tokenizer
@@ -103,23 +103,23 @@ class Predictor:
             examples.append(Example(str(i), parts))
         return self.predict_examples(task, examples) if examples else torch.empty(0)
 
+    def head_scores(self, task, examples) -> torch.Tensor:
+        """The head's raw scores for :class:`~mtbert.multitask.data.Example` rows: [N, 5] logits
+        for ``sst``, [N] for the pair tasks."""
+        return evaluation.head_scores(self.model, task, examples, self.tokenizer, batch_size=self.batch_size,
+                                      max_length=self.max_length, device=self.device)
+
     def predict_examples(self, task, examples) -> torch.Tensor:
         """Predictions for :class:`~mtbert.multitask.data.Example` rows (e.g. a file's)."""
         self._check_task(task)
-        return evaluation.predict(self.model, task, examples, self.tokenizer, batch_size=self.batch_size,
-                                  max_length=self.max_length, device=self.device)
+        return self.model.predict(task, self.head_scores(task, examples))
 
     def score(self, task_files) -> tuple:
         """Predictions for each labeled or unlabeled :class:`TaskFile` ({task: TaskFile}) and the
         metrics of the labeled ones (with the overall score when all three tasks are labeled).
         Returns ``(metrics, {task: predictions})``."""
-        labeled = {task: f for task, f in task_files.items() if f.labeled}
-        scores, predictions = evaluation.evaluate(self.model, labeled, self.tokenizer, batch_size=self.batch_size,
-                                                  max_length=self.max_length, device=self.device)
-        for task, task_file in task_files.items():
-            if task not in predictions:
-                predictions[task] = self.predict_examples(task, task_file.examples)
-        return scores, predictions
+        predictions = {task: self.predict_examples(task, f.examples) for task, f in task_files.items()}
+        return evaluation.file_metrics(task_files, predictions), predictions
 
     def export(self, directory) -> Path:
         """Writes the encoder with ``save_pretrained`` (config.json, model.safetensors), the
@@ -140,3 +140,29 @@ class Predictor:
         (directory / HEADS_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
         return directory
 
+
+
+class Ensemble(Predictor):
+    """Several models of one configuration (e.g. the same run with other seeds) predicting
+    together: each member's head scores (SST and paraphrase logits, the STS score) are averaged,
+    then turned into predictions as one model's would be. Costs one forward pass per member."""
+
+    def __init__(self, members):
+        members = list(members)
+        if not members:
+            raise ValueError("members must hold at least one Predictor")
+        settings = [{k: m.model.head_config[k] for k in _HEAD_SETTINGS} for m in members]
+        if any(s != settings[0] for s in settings):
+            raise ConfigError(f"an ensemble's members must share their heads and losses to average their scores, "
+                              f"got {settings}")
+        first = members[0]
+        tasks = [t for t in first.tasks if all(t in m.tasks for m in members)]
+        super().__init__(first.model, first.tokenizer, tasks, first.max_length, first.base_model, first.batch_size,
+                         first.device)
+        self.members = members
+
+    def head_scores(self, task, examples) -> torch.Tensor:
+        return torch.stack([member.head_scores(task, examples) for member in self.members]).mean(dim=0)
+
+    def export(self, directory):
+        raise ValueError("an ensemble has no single encoder to export: export one member's checkpoint")
