@@ -131,3 +131,33 @@ def test_plot_spans_the_run_for_a_single_evaluation():
     stars = [line for line in axes.lines if line.get_marker() == "*"]
     assert len(stars) == 4 and all(list(line.get_xdata()) == [50] for line in stars)
     plt.close(figure)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_a_mid_epoch_selection_equals_the_uninterrupted_run(tiny_model_dir, toy_data, tmp_path):
+    options = dict(epochs=2, eval_every=2, save_every=3, max_dev_examples=12, grad_method="pcgrad")
+    _fit(_config(tiny_model_dir, toy_data, tmp_path / "reference", **options))
+
+    def kill_at_step_5(trainer):  # after the evaluation of step 4, whose best.pt may be newer than last.pt
+        if trainer.global_step == 5:
+            raise _Killed
+
+    killed = tmp_path / "killed"
+    with pytest.raises(_Killed):
+        Trainer(_config(tiny_model_dir, toy_data, killed, **options), on_step=kill_at_step_5).fit()
+    resumed = Trainer(_config(tiny_model_dir, toy_data, killed, **options))
+    resumed.load_state_dict(load_checkpoint(killed / "last.pt"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resumed.fit()
+
+    def selection(out):
+        return [{k: v for k, v in r.items() if k != "train_minutes"} for r in _records(out)
+                if r["kind"] in ("val", "final")]
+
+    assert selection(killed) == selection(tmp_path / "reference")
+    best, reference = load_checkpoint(killed / "best.pt"), load_checkpoint(tmp_path / "reference" / "best.pt")
+    assert (best["step"], best["scores"]) == (reference["step"], reference["scores"])
