@@ -45,6 +45,9 @@ def build_parser():
     for task in TASKS:
         parser.add_argument(f"--{task}", type=Path, metavar="FILE",
                             help=f"a {TASK_SPECS[task].description} file in the CS224N format (labels optional)")
+    parser.add_argument("--validation", action="store_true",
+                        help="also score the validation split the run held out of its training files (rebuilt "
+                             "from the settings in the checkpoint: files, --val-fraction, --val-seed)")
     parser.add_argument("--out", type=Path, metavar="DIR", help="directory for the prediction files and metrics.json")
     parser.add_argument("--export", type=Path, metavar="DIR",
                         help="write the encoder (save_pretrained) and the heads into DIR")
@@ -72,12 +75,34 @@ def _output_names(files) -> dict:
     return names
 
 
+def _validation_sets(members, paths, tasks) -> dict:
+    """{task: TaskFile} of the validation split the checkpoints' runs held out; they must agree on it."""
+    from .multitask.trainer import load_training_split
+    from .train import config_for_resume
+
+    configs = []
+    for member, path in zip(members, paths):
+        if member.run_config is None:
+            raise ConfigError(f"{path} is an exported model: its run's settings (and validation split) are not "
+                              "in it; give the run's best.pt")
+        configs.append(config_for_resume(member.run_config, {}, path))
+    split = [(c.tasks, {t: str(c.file(t, "train")) for t in c.tasks}, c.val_fraction, c.val_seed, c.max_dev_examples)
+             for c in configs]
+    if any(s != split[0] for s in split):
+        raise ConfigError("the checkpoints' runs held out different validation splits (training files, "
+                          "--val-fraction, --val-seed or --max-dev-examples differ); score them one by one")
+    if configs[0].val_fraction == 0:
+        raise ConfigError(f"{paths[0]} was trained on every training row (--select-on dev): it has no validation split")
+    return {task: load_training_split(configs[0], task)[1] for task in tasks}
+
+
 def _predict(args) -> int:
     import torch
 
     files = {task: getattr(args, task) for task in TASKS if getattr(args, task) is not None}
-    if not files and args.export is None:
-        raise ConfigError("nothing to do: give --sst, --para or --sts FILE (with --out DIR), or --export DIR")
+    if not files and args.export is None and not args.validation:
+        raise ConfigError("nothing to do: give --sst, --para or --sts FILE (with --out DIR), --validation "
+                          "or --export DIR")
     if files and args.out is None:
         raise ConfigError("--out DIR is required with --sst, --para or --sts")
     if args.batch_size < 1:
@@ -91,6 +116,13 @@ def _predict(args) -> int:
     predictor = members[0] if len(members) == 1 else _naming("--checkpoint", lambda: Ensemble(members))
     if args.export is not None:
         print(f"exported to {_naming('--export', lambda: predictor.export(args.export))}")
+    if args.validation:
+        validation = _naming("--validation", lambda: _validation_sets(members, args.checkpoint, predictor.tasks))
+        scores, _ = predictor.score(validation)
+        if args.out is not None:
+            out = _naming("--out", lambda: make_directory(args.out))
+            (out / "validation-metrics.json").write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
+        print(summary_table([(f"validation split: {' + '.join(args.checkpoint)}", scores)]))
     if not files:
         return 0
     task_files = {task: _naming(f"--{task}", lambda task=task: load_task_file(task, path))

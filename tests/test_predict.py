@@ -176,3 +176,16 @@ def test_ensemble_averages_the_members_head_scores(run, other_seed_run, toy_data
     assert disagreements > 0  # the members differ, so the average is not one member's prediction
     assert predict_main(["--checkpoint", str(run / "best.pt"), str(other_seed_run / "best.pt"),
                          "--export", str(tmp_path / "e")]) == 2
+    # Both seeds held out the same validation rows (--val-seed), so the ensemble can be scored on them.
+    assert predict_main(["--checkpoint", str(run / "best.pt"), str(other_seed_run / "best.pt"), "--validation",
+                         "--out", str(tmp_path / "v")]) == 0
+    assert "overall" in json.loads((tmp_path / "v" / "validation-metrics.json").read_text())
+
+
+def test_validation_scores_of_best_pt_equal_the_trainers(run, tmp_path, capsys):
+    assert predict_main(["--checkpoint", str(run / "best.pt"), "--validation", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "validation-metrics.json").read_text()) == load_checkpoint(run / "best.pt")["scores"]
+    assert "validation split:" in capsys.readouterr().out
+    assert predict_main(["--checkpoint", str(run / "best.pt"), "--export", str(tmp_path / "x")]) == 0
+    status, errors = _error(capsys, ["--checkpoint", str(tmp_path / "x"), "--validation"])
+    assert status == 2 and "is an exported model" in errors[0]

@@ -161,3 +161,15 @@ def test_resume_after_a_mid_epoch_selection_equals_the_uninterrupted_run(tiny_mo
     assert selection(killed) == selection(tmp_path / "reference")
     best, reference = load_checkpoint(killed / "best.pt"), load_checkpoint(tmp_path / "reference" / "best.pt")
     assert (best["step"], best["scores"]) == (reference["step"], reference["scores"])
+
+
+def test_runs_with_other_seeds_hold_out_the_same_validation_rows(tiny_model_dir, toy_data, tmp_path):
+    ids = []
+    for seed in (1, 2):
+        trainer = Trainer(_config(tiny_model_dir, toy_data, tmp_path / str(seed), seed=seed))
+        ids.append({task: [e.id for e in val.examples] for task, val in trainer.val_sets.items()})
+        train_order = {task: [e.id for e in t.examples] for task, t in trainer.train_sets.items()}
+    assert ids[0] == ids[1]
+    other = Trainer(_config(tiny_model_dir, toy_data, tmp_path / "other", seed=2, val_seed=5))
+    assert {task: [e.id for e in val.examples] for task, val in other.val_sets.items()} != ids[1]
+    assert {task: [e.id for e in t.examples] for task, t in other.train_sets.items()} != train_order

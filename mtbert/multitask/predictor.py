@@ -30,10 +30,11 @@ _HEAD_SETTINGS = ("pooling", "para_head", "sts_head", "sts_loss")
 
 class Predictor:
     """A :class:`MultitaskBert` in evaluation mode, its tokenizer and the settings it was trained
-    with. ``tasks``: the tasks whose heads were trained (the others are left at random)."""
+    with. ``tasks``: the tasks whose heads were trained (the others are left at random);
+    ``run_config``: the run's settings (a ``TrainConfig`` dict) when loaded from its checkpoint."""
 
     def __init__(self, model: MultitaskBert, tokenizer: Tokenizer, tasks=TASKS, max_length=128, base_model=None,
-                 batch_size=128, device="cpu"):
+                 batch_size=128, device="cpu", run_config=None):
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.tasks = tuple(tasks)
@@ -41,6 +42,7 @@ class Predictor:
         self.base_model = base_model  # where the tokenizer files come from, for export()
         self.batch_size = batch_size
         self.device = torch.device(device)
+        self.run_config = run_config
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", batch_size=128) -> "Predictor":
@@ -62,7 +64,7 @@ class Predictor:
             raise CheckpointError(f"checkpoint {path} does not match the model its settings describe: "
                                   f"{str(err).splitlines()[0]}") from None
         return cls(model, Tokenizer.from_pretrained(config["model"]), config["tasks"], config["max_length"],
-                   base_model=config["model"], batch_size=batch_size, device=device)
+                   base_model=config["model"], batch_size=batch_size, device=device, run_config=config)
 
     @classmethod
     def from_pretrained(cls, directory, device="cpu", batch_size=128) -> "Predictor":
@@ -158,7 +160,7 @@ class Ensemble(Predictor):
         first = members[0]
         tasks = [t for t in first.tasks if all(t in m.tasks for m in members)]
         super().__init__(first.model, first.tokenizer, tasks, first.max_length, first.base_model, first.batch_size,
-                         first.device)
+                         first.device, first.run_config)
         self.members = members
 
     def head_scores(self, task, examples) -> torch.Tensor:

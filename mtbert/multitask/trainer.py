@@ -170,6 +170,9 @@ class TrainConfig:
                              help="split that chooses the best checkpoint: val (the held-out part of the training "
                                   "files; dev is scored once, for the final model) or dev (the CS224N habit: every "
                                   "training row is trained on, and dev both chooses and reports)")
+    val_seed: int = setting(11711, group="data",
+                            help="seed of the validation split's draw, apart from --seed so that runs with different "
+                                 "seeds (and their ensembles) are chosen and compared on the same rows")
     eval_every: int = setting(0, group="run", metavar="N",
                               help="also evaluate the selection split every N steps within an epoch (best.pt can be "
                                    "a mid-epoch checkpoint), 0 for epoch ends only")
@@ -344,6 +347,27 @@ def _evaluable(task_file, what):
     return task_file
 
 
+def load_training_split(config, task) -> tuple:
+    """``(train, validation)``: the :class:`TaskFile` of the rows of ``task`` that a run of
+    ``config`` trains on, and the validation split it holds out of the same file (None with
+    ``val_fraction`` 0). ``mtbert-predict --validation`` rebuilds the split with it."""
+    train = load_task_file(task, config.file(task, "train"), labeled=True)
+    if not train.examples:
+        raise DataFileError(f"{train.path} has no usable training rows")
+    # Drawn from the whole file, before --max-train-examples, and with --val-seed rather than
+    # --seed: the same rows for every training subset and every seed of a configuration.
+    try:
+        kept, held_out = split_validation(train.examples, config.val_fraction, config.val_seed, f"{task}-train")
+    except ValueError as err:
+        raise DataFileError(f"{train.path}: {err}") from None
+    train.examples = _subset(kept, config.max_train_examples, config.seed, f"{task}-train")
+    if not held_out:
+        return train, None
+    val = TaskFile(task, train.path, _subset(held_out, config.max_dev_examples, config.val_seed, f"{task}-val"),
+                   0, True)
+    return train, _evaluable(val, f"validation split of {train.path}")
+
+
 class TrainingStopped(Exception):
     """``fit()`` stopped early at a step boundary because :meth:`Trainer.request_stop` was called
     (the command line calls it on SIGINT / SIGTERM); ``checkpoint`` holds the state to resume from."""
@@ -404,21 +428,9 @@ class Trainer:
         cfg = self.config
         self.train_sets, self.val_sets, self.dev_sets, self.test_sets = {}, {}, {}, {}
         for task in cfg.tasks:
-            train = load_task_file(task, cfg.file(task, "train"), labeled=True)
-            if not train.examples:
-                raise DataFileError(f"{train.path} has no usable training rows")
-            # The validation rows are drawn from the whole file, before --max-train-examples, so that
-            # they do not depend on the training subset's size.
-            try:
-                kept, held_out = split_validation(train.examples, cfg.val_fraction, cfg.seed, f"{task}-train")
-            except ValueError as err:
-                raise DataFileError(f"{train.path}: {err}") from None
-            train.examples = _subset(kept, cfg.max_train_examples, cfg.seed, f"{task}-train")
-            self.train_sets[task] = train
-            if held_out:
-                val = TaskFile(task, train.path, _subset(held_out, cfg.max_dev_examples, cfg.seed, f"{task}-val"),
-                               0, True)
-                self.val_sets[task] = _evaluable(val, f"validation split of {train.path}")
+            self.train_sets[task], val = load_training_split(cfg, task)
+            if val is not None:
+                self.val_sets[task] = val
             dev = load_task_file(task, cfg.file(task, "dev"), labeled=True)
             dev.examples = _subset(dev.examples, cfg.max_dev_examples, cfg.seed, f"{task}-dev")
             self.dev_sets[task] = _evaluable(dev, f"dev file {dev.path}")
