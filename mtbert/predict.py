@@ -17,8 +17,8 @@ From Python:
 
     from mtbert.predict import Predictor
     model = Predictor.load("runs/demo/best.pt")
-    model.predict("sst", ["A gorgeous, witty, seductive movie."])       # tensor([4])
-    model.predict("sts", [("A man plays guitar.", "A man is playing a guitar.")])
+    model.predict("sst", ["A gorgeous, witty, seductive movie."])       # a tensor of classes 0-4
+    model.predict("sts", [("A man plays guitar.", "A man is playing a guitar.")])   # similarities 0-5
 
 Exit status: 0 done; 2 a problem with what was given (told on one line naming the flag; --debug
 adds the traceback); 1 a bug.

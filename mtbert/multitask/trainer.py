@@ -418,6 +418,7 @@ class Trainer:
         self.token_slots = {t: [0, 0] for t in config.tasks}  # real tokens, padded slots this epoch
         self.loss_window = {t: [0.0, 0] for t in config.tasks}  # loss sum, count since the last record
         self.stop_reason = None
+        self.best = None  # best.pt's selection record (split, scores, epoch, step), set by finish()
 
     def request_stop(self, reason="a stop request"):
         """Asks ``fit()`` to checkpoint and stop at the next step boundary (safe from a signal handler)."""
