@@ -52,6 +52,7 @@ def build_parser():
     parser.add_argument("--export", type=Path, metavar="DIR",
                         help="write the encoder (save_pretrained) and the heads into DIR")
     parser.add_argument("--batch-size", type=int, default=128, help="examples per batch (default: 128)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument("--use_gpu", action="store_true", help="predict on CUDA when available")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error in what was given")
     return parser
@@ -113,6 +114,8 @@ def _predict(args) -> int:
     members = [_naming("--checkpoint", lambda path=path: Predictor.load(path, device=device,
                                                                         batch_size=args.batch_size))
                for path in args.checkpoint]
+    for member in members:
+        member.progress = args.progress
     predictor = members[0] if len(members) == 1 else _naming("--checkpoint", lambda: Ensemble(members))
     if args.export is not None:
         print(f"exported to {_naming('--export', lambda: predictor.export(args.export))}")

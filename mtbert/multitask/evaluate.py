@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import metrics
 from .data import collate
@@ -12,9 +13,10 @@ PREDICTION_COLUMNS = {"sst": "Predicted_Sentiment", "para": "Predicted_Is_Paraph
 
 
 @torch.no_grad()
-def head_scores(model, task, examples, tokenizer, batch_size=64, max_length=None, device="cpu", autocast=None):
+def head_scores(model, task, examples, tokenizer, batch_size=64, max_length=None, device="cpu", autocast=None,
+                progress=False):
     """The head's raw scores (a float32 CPU tensor in the order of ``examples``: [N, 5] logits for
-    ``sst``, [N] for the pair tasks) of ``model`` for one task.
+    ``sst``, [N] for the pair tasks) of ``model`` for one task; ``progress`` shows a bar.
 
     Examples are run in order of length so batches carry little padding."""
     order = sorted(range(len(examples)), key=lambda i: sum(len(t) for t in examples[i].texts))
@@ -22,7 +24,8 @@ def head_scores(model, task, examples, tokenizer, batch_size=64, max_length=None
     was_training = model.training
     model.eval()
     chunks = []
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc=task, unit="batch", disable=not progress,
+                      dynamic_ncols=True):
         batch = collate([examples[i] for i in order[start:start + batch_size]], tokenizer, pair_mode, max_length)
         inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
         with autocast() if autocast else torch.autocast("cpu", enabled=False):

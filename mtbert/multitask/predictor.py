@@ -43,6 +43,7 @@ class Predictor:
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.run_config = run_config
+        self.progress = False  # a progress bar per task and file (mtbert-predict turns it on)
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", batch_size=128) -> "Predictor":
@@ -109,7 +110,7 @@ class Predictor:
         """The head's raw scores for :class:`~mtbert.multitask.data.Example` rows: [N, 5] logits
         for ``sst``, [N] for the pair tasks."""
         return evaluation.head_scores(self.model, task, examples, self.tokenizer, batch_size=self.batch_size,
-                                      max_length=self.max_length, device=self.device)
+                                      max_length=self.max_length, device=self.device, progress=self.progress)
 
     def predict_examples(self, task, examples) -> torch.Tensor:
         """Predictions for :class:`~mtbert.multitask.data.Example` rows (e.g. a file's)."""
