@@ -31,9 +31,9 @@ from pathlib import Path
 from .errors import ConfigError, UserError, make_directory, run_command
 from .multitask.data import TASK_SPECS, TASKS, load_task_file
 from .multitask.evaluate import summary_table, write_predictions
-from .multitask.predictor import Ensemble, Predictor
+from .multitask.predictor import Ensemble, Predictor, average_weights
 
-__all__ = ["Ensemble", "Predictor", "main"]
+__all__ = ["Ensemble", "Predictor", "average_weights", "main"]
 
 
 def build_parser():
@@ -45,6 +45,9 @@ def build_parser():
     for task in TASKS:
         parser.add_argument(f"--{task}", type=Path, metavar="FILE",
                             help=f"a {TASK_SPECS[task].description} file in the CS224N format (labels optional)")
+    parser.add_argument("--average-weights", action="store_true",
+                        help="with several --checkpoint of one run (--keep-checkpoints): one model with their mean "
+                             "weights instead of an ensemble")
     parser.add_argument("--validation", action="store_true",
                         help="also score the validation split the run held out of its training files (rebuilt "
                              "from the settings in the checkpoint: files, --val-fraction, --val-seed)")
@@ -109,14 +112,20 @@ def _predict(args) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = "cuda" if args.use_gpu and torch.cuda.is_available() else "cpu"
-    if args.export is not None and len(args.checkpoint) > 1:
-        raise ConfigError("--export writes one model: give one --checkpoint")
+    if args.export is not None and len(args.checkpoint) > 1 and not args.average_weights:
+        raise ConfigError("--export writes one model: give one --checkpoint, or --average-weights")
     members = [_naming("--checkpoint", lambda path=path: Predictor.load(path, device=device,
                                                                         batch_size=args.batch_size))
                for path in args.checkpoint]
     for member in members:
         member.progress = args.progress
-    predictor = members[0] if len(members) == 1 else _naming("--checkpoint", lambda: Ensemble(members))
+    if len(members) == 1:
+        predictor = members[0]
+    elif args.average_weights:
+        predictor = _naming("--average-weights", lambda: average_weights(members))
+    else:
+        predictor = _naming("--checkpoint", lambda: Ensemble(members))
+    predictor.progress = args.progress
     if args.export is not None:
         print(f"exported to {_naming('--export', lambda: predictor.export(args.export))}")
     if args.validation:

@@ -20,11 +20,12 @@ TASK_FLAGS = {"sst": "--sst", "para": "--para", "sts": "--sts"}
 
 @pytest.fixture(scope="module")
 def run(tiny_model_dir, toy_data, tmp_path_factory):
-    """A finished two-epoch run on the toy data: best.pt, its dev predictions and final metrics."""
+    """A finished two-epoch run on the toy data: best.pt, its dev predictions and final metrics, and
+    the model of every evaluation (every 3 steps and each epoch's end) in checkpoints/."""
     out = tmp_path_factory.mktemp("run")
     config = TrainConfig(data=str(toy_data), out=str(out), model=str(tiny_model_dir), epochs=2, batch_size=16,
                          lr=3e-3, hidden_dropout_prob=0.1, max_length=32, progress=False, para_head="cross",
-                         sts_head="cosine", sts_loss="cosine-mse")
+                         sts_head="cosine", sts_loss="cosine-mse", eval_every=3, keep_checkpoints=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         Trainer(config).fit()
@@ -189,3 +190,24 @@ def test_validation_scores_of_best_pt_equal_the_trainers(run, tmp_path, capsys):
     assert predict_main(["--checkpoint", str(run / "best.pt"), "--export", str(tmp_path / "x")]) == 0
     status, errors = _error(capsys, ["--checkpoint", str(tmp_path / "x"), "--validation"])
     assert status == 2 and "is an exported model" in errors[0]
+
+
+def test_average_weights_is_the_mean_of_the_kept_checkpoints(run, toy_data, tmp_path):
+    kept = sorted((run / "checkpoints").glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    val_steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["kind"] == "val"]
+    assert [int(p.stem.split("-")[1]) for p in kept] == val_steps and len(kept) >= 3
+    last_three = kept[-3:]
+    export = tmp_path / "averaged"
+    argv = ["--checkpoint", *map(str, last_three), "--average-weights", "--export", str(export),
+            "--sts", str(toy_data / DEFAULT_FILES[("sts", "dev")]), "--out", str(tmp_path / "p")]
+    assert predict_main(argv) == 0
+    states = [load_checkpoint(p)["model"] for p in last_three]
+    averaged = Predictor.load(export)
+    for name, value in averaged.model.state_dict().items():
+        mean = sum(state[name].double() for state in states) / 3
+        torch.testing.assert_close(value.double(), mean, rtol=0, atol=1e-6, msg=name)
+    examples = load_task_file("sts", toy_data / DEFAULT_FILES[("sts", "dev")]).examples
+    lines = (tmp_path / "p" / "sts-dev-output.csv").read_text(encoding="utf-8").splitlines()[1:]
+    written = torch.tensor([float(line.split(" , ")[1]) for line in lines])
+    torch.testing.assert_close(written, averaged.predict("sts", [e.texts for e in examples]), rtol=0, atol=1e-5)

@@ -4,6 +4,7 @@
 An export is a Hugging Face model directory (``config.json``, ``model.safetensors``, the
 tokenizer's files: loadable by ``transformers.BertModel`` and ``mtbert.BertModel``) with the task
 heads beside it (``heads.safetensors``, ``heads.json``)."""
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -145,6 +146,35 @@ class Predictor:
 
 
 
+def _same_heads(members, purpose):
+    """Raises a ConfigError unless every member has the same heads and losses."""
+    settings = [{k: m.model.head_config[k] for k in _HEAD_SETTINGS} for m in members]
+    if not members or any(s != settings[0] for s in settings):
+        raise ConfigError(f"{purpose} needs at least one model, all with the same heads and losses; got {settings}")
+
+
+def average_weights(members) -> Predictor:
+    """One model whose every weight is the mean of the members' (checkpoint averaging: models
+    saved along one run, e.g. with ``--keep-checkpoints``, average into a smoother one; models of
+    separate runs do not, their weights are not aligned). The first member's tokenizer and settings."""
+    members = list(members)
+    _same_heads(members, "averaging weights")
+    states = [member.model.state_dict() for member in members]
+    if any(state.keys() != states[0].keys() for state in states):
+        raise ConfigError("averaging weights needs models of one architecture: their weights differ in names")
+    averaged = {}
+    for key, value in states[0].items():
+        if value.is_floating_point():
+            averaged[key] = torch.stack([state[key].double() for state in states]).mean(dim=0).to(value.dtype)
+        else:
+            averaged[key] = value
+    first = members[0]
+    model = copy.deepcopy(first.model)
+    model.load_state_dict(averaged)
+    return Predictor(model, first.tokenizer, first.tasks, first.max_length, first.base_model, first.batch_size,
+                     first.device, first.run_config)
+
+
 class Ensemble(Predictor):
     """Several models of one configuration (e.g. the same run with other seeds) predicting
     together: each member's head scores (SST and paraphrase logits, the STS score) are averaged,
@@ -152,12 +182,7 @@ class Ensemble(Predictor):
 
     def __init__(self, members):
         members = list(members)
-        if not members:
-            raise ValueError("members must hold at least one Predictor")
-        settings = [{k: m.model.head_config[k] for k in _HEAD_SETTINGS} for m in members]
-        if any(s != settings[0] for s in settings):
-            raise ConfigError(f"an ensemble's members must share their heads and losses to average their scores, "
-                              f"got {settings}")
+        _same_heads(members, "an ensemble")
         first = members[0]
         tasks = [t for t in first.tasks if all(t in m.tasks for m in members)]
         super().__init__(first.model, first.tokenizer, tasks, first.max_length, first.base_model, first.batch_size,

@@ -173,6 +173,10 @@ class TrainConfig:
     val_seed: int = setting(11711, group="data",
                             help="seed of the validation split's draw, apart from --seed so that runs with different "
                                  "seeds (and their ensembles) are chosen and compared on the same rows")
+    keep_checkpoints: bool = setting(False, group="run", action="store_true",
+                                     help="also keep the model of every evaluation as OUT/checkpoints/step-N.pt "
+                                          "(about the encoder's size each), for checkpoint averaging with "
+                                          "mtbert-predict --average-weights")
     eval_every: int = setting(0, group="run", metavar="N",
                               help="also evaluate the selection split every N steps within an epoch (best.pt can be "
                                    "a mid-epoch checkpoint), 0 for epoch ends only")
@@ -697,11 +701,14 @@ class Trainer:
                     self.train_seconds / 60, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
         self._record(kind=split, epoch=epoch, step=self.global_step, train_minutes=self.train_seconds / 60, **scores)
         selection = evaluation.selection_score(scores)
+        model = {"config": self.config.to_dict(), "encoder_config": self.model.encoder.config.to_dict(),
+                 "model": self.model.state_dict(), "selected_on": split, "scores": scores, "epoch": epoch,
+                 "step": self.global_step}
+        if self.config.keep_checkpoints:
+            save_checkpoint(model, self.out / "checkpoints" / f"step-{self.global_step}.pt")
         if selection > self.best_overall:
             self.best_overall = selection
-            save_checkpoint({"config": self.config.to_dict(), "encoder_config": self.model.encoder.config.to_dict(),
-                             "model": self.model.state_dict(), "selected_on": split, "scores": scores,
-                             "epoch": epoch, "step": self.global_step}, self.out / "best.pt")
+            save_checkpoint(model, self.out / "best.pt")
         return time.perf_counter() - started
 
     def evaluate(self, sets=None):
