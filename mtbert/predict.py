@@ -55,6 +55,9 @@ def build_parser():
     parser.add_argument("--export", type=Path, metavar="DIR",
                         help="write the encoder (save_pretrained) and the heads into DIR")
     parser.add_argument("--batch-size", type=int, default=128, help="examples per batch (default: 128)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bfloat16 autocast, as mtbert-train --bf16 evaluates: reproduces a --bf16 run's own "
+                             "prediction files (default: float32)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument("--use_gpu", action="store_true", help="predict on CUDA when available")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error in what was given")
@@ -118,14 +121,14 @@ def _predict(args) -> int:
                                                                         batch_size=args.batch_size))
                for path in args.checkpoint]
     for member in members:
-        member.progress = args.progress
+        member.progress, member.bf16 = args.progress, args.bf16
     if len(members) == 1:
         predictor = members[0]
     elif args.average_weights:
         predictor = _naming("--average-weights", lambda: average_weights(members))
     else:
         predictor = _naming("--checkpoint", lambda: Ensemble(members))
-    predictor.progress = args.progress
+    predictor.progress, predictor.bf16 = args.progress, args.bf16
     if args.export is not None:
         print(f"exported to {_naming('--export', lambda: predictor.export(args.export))}")
     if args.validation:

@@ -211,3 +211,19 @@ def test_average_weights_is_the_mean_of_the_kept_checkpoints(run, toy_data, tmp_
     lines = (tmp_path / "p" / "sts-dev-output.csv").read_text(encoding="utf-8").splitlines()[1:]
     written = torch.tensor([float(line.split(" , ")[1]) for line in lines])
     torch.testing.assert_close(written, averaged.predict("sts", [e.texts for e in examples]), rtol=0, atol=1e-5)
+
+
+def test_bf16_predictions_equal_a_bf16_runs_own(tiny_model_dir, toy_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("MTBERT_FORCE_CPU_BF16", "1")
+    out = tmp_path / "run"
+    config = TrainConfig(data=str(toy_data), out=str(out), model=str(tiny_model_dir), epochs=1, batch_size=16,
+                         lr=3e-3, max_length=32, progress=False, bf16=True, tasks=("sts",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Trainer(config).fit()
+    dev = toy_data / DEFAULT_FILES[("sts", "dev")]
+    expected = (out / "predictions" / "sts-dev-output.csv").read_text(encoding="utf-8")
+    for flags, equal in ((["--bf16"], True), ([], False)):
+        assert predict_main(["--checkpoint", str(out / "best.pt"), "--sts", str(dev), "--out", str(tmp_path / "p"),
+                             *flags]) == 0
+        assert ((tmp_path / "p" / "sts-dev-output.csv").read_text(encoding="utf-8") == expected) == equal, flags

@@ -45,6 +45,7 @@ class Predictor:
         self.device = torch.device(device)
         self.run_config = run_config
         self.progress = False  # a progress bar per task and file (mtbert-predict turns it on)
+        self.bf16 = False  # bfloat16 autocast, as mtbert-train --bf16 evaluates
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", batch_size=128) -> "Predictor":
@@ -111,7 +112,11 @@ class Predictor:
         """The head's raw scores for :class:`~mtbert.multitask.data.Example` rows: [N, 5] logits
         for ``sst``, [N] for the pair tasks."""
         return evaluation.head_scores(self.model, task, examples, self.tokenizer, batch_size=self.batch_size,
-                                      max_length=self.max_length, device=self.device, progress=self.progress)
+                                      max_length=self.max_length, device=self.device, progress=self.progress,
+                                      autocast=self._autocast if self.bf16 else None)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def predict_examples(self, task, examples) -> torch.Tensor:
         """Predictions for :class:`~mtbert.multitask.data.Example` rows (e.g. a file's)."""
