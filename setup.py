@@ -46,6 +46,7 @@ setup(
     packages=find_packages(include=["mtbert", "mtbert.*"]),
     python_requires=">=3.10",
     ext_modules=[_extension()],
-    entry_points={"console_scripts": ["mtbert-train=mtbert.train:main", "mtbert-plot=mtbert.multitask.plot:main"]},
+    entry_points={"console_scripts": ["mtbert-train=mtbert.train:main", "mtbert-plot=mtbert.multitask.plot:main",
+                                        "mtbert-predict=mtbert.predict:main"]},
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -3,7 +3,9 @@
 Each row is one short ``mtbert.train`` run (``mtbert.train.main(argv)``, no training code here) on
 a seeded subset of the CS224N files: ``--steps S`` optimizer steps of ``--batch-size B`` examples
 per task (round-robin, so each task gets ``S·B`` seeded training examples, fewer where the file is
-smaller and that task cycles). Dev scores are on the full dev sets unless ``--max-dev-examples``.
+smaller and that task cycles). Each run holds out 10% of each training file as its validation split
+(mtbert-train's default): compare rows on the validation overall score; dev (on the full dev sets
+unless ``--max-dev-examples``) is scored once per row, for its best checkpoint.
 After every row the markdown table (``--output``) is rewritten, so a killed run keeps the rows it
 finished; results are merged by row name with those of earlier invocations (kept in a JSON file
 next to the table), so ``--rows`` can add or redo single rows (``--rows ''`` only re-renders).
@@ -56,6 +58,13 @@ ROWS = [
     ("cosine-mse", "cross paraphrase head, cosine STS head with SBERT's cosine-MSE, PCGrad (the `make demo` setup)",
      FINETUNE_LR + ["--para-head", "cross", "--sts-head", "cosine", "--sts-loss", "cosine-mse",
                     "--grad-method", "pcgrad"]),
+    # Learning-rate levers of issue 15, on top of the `make demo` setup.
+    ("layer-decay", "the `make demo` setup with layer-wise learning-rate decay 0.9",
+     FINETUNE_LR + ["--para-head", "cross", "--sts-head", "cosine", "--sts-loss", "cosine-mse",
+                    "--grad-method", "pcgrad", "--layer-lr-decay", "0.9"]),
+    ("head-lr", "the `make demo` setup with the heads at learning rate 1e-3",
+     FINETUNE_LR + ["--para-head", "cross", "--sts-head", "cosine", "--sts-loss", "cosine-mse",
+                    "--grad-method", "pcgrad", "--head-lr", "1e-3"]),
 ]
 ROW_NAMES = [name for name, _, _ in ROWS]
 
@@ -100,16 +109,19 @@ def render(results, header) -> str:
     from mtbert.multitask.paper import PAPER_DEV
 
     lines = [header, "",
-             "| row | configuration | steps | SST acc | Quora acc | STS Pearson | overall | wall time |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| row | configuration | steps | validation overall | SST acc | Quora acc | STS Pearson | overall | wall time |",
+             "|---|---|---|---|---|---|---|---|---|"]
     order = {name: i for i, name in enumerate(ROW_NAMES)}
     ranked = sorted(results.values(), key=lambda r: (order.get(r["row"], len(order)), r["row"]))
     for r in ranked:
         s = r["scores"]
-        lines.append(f"| {r['row']} | {r['description'].replace('|', chr(92) + '|')} | {r['steps']} | {s['sst_acc']:.3f} | {s['para_acc']:.3f} "
+        # Rows run before the validation split chose their checkpoint on dev: no validation score.
+        validation = f"{r['validation']['overall']:.3f}" if r.get("validation") else "–"
+        lines.append(f"| {r['row']} | {r['description'].replace('|', chr(92) + '|')} | {r['steps']} | {validation} "
+                     f"| {s['sst_acc']:.3f} | {s['para_acc']:.3f} "
                      f"| {s['sts_pearson']:.3f} | {s['overall']:.3f} | {r['wall_s'] / 60:.1f} min |")
     p = PAPER_DEV
-    lines.append(f"| paper | BERT-base, GPU, full data (reported) | – | {p['sst_acc']:.3f} | {p['para_acc']:.3f} "
+    lines.append(f"| paper | BERT-base, GPU, full data (reported) | – | – | {p['sst_acc']:.3f} | {p['para_acc']:.3f} "
                  f"| {p['sts_pearson']:.3f} | {p['overall']:.3f} | – |")
     lines += ["", "Commands (`python -m mtbert.train ...`, run with OMP_NUM_THREADS=1):", ""]
     lines += [f"- {r['row']}: `{' '.join(map(_relative, r['argv']))}`" for r in ranked]
@@ -161,7 +173,9 @@ def main(argv=None):
               "Dev scores of `benchmarks/paper_table.py` rows: each row fine-tunes all-MiniLM-L6-v2 for the given "
               "number of optimizer steps (one batch of 16 per task per step, seeded training subsets), one "
               "epoch with linear decay and 10% warm-up, dropout 0.1, on a 2-core CPU shared with other jobs "
-              "(one torch thread); wall time includes loading and dev evaluation. Dev scores are on the full dev sets, or on a "
+              "(one torch thread); wall time includes loading and evaluation. Rows with a validation score chose "
+              "their checkpoint on a validation split (10% of each training file) and scored dev once; the others "
+              "are older runs that trained on every row and chose on dev. Dev scores are on the full dev sets, or on a "
               "seeded subset of N examples per task where the row's command says `--max-dev-examples N`. These runs are far shorter "
               "than the paper's (BERT-base, GPU, several epochs on all data), so compare rows with each other.")
     flags_of = {name: (description, flags) for name, description, flags in ROWS}
@@ -180,7 +194,7 @@ def main(argv=None):
         final = final_record(out)
         scores = {k: final[k] for k in ("sst_acc", "para_acc", "sts_pearson", "sts_spearman", "overall")}
         row = {"row": name, "description": description, "argv": argv_row, "steps": final["step"],
-               "wall_s": wall, "scores": scores}
+               "wall_s": wall, "scores": scores, "validation": final.get("selection_scores")}
         results = {**load_results(store), name: row}  # re-read: another invocation may have added rows
         output.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(store, json.dumps(results, indent=1) + "\n")

@@ -6,11 +6,14 @@ Example (the `make demo` setting, about 12 minutes on a 2-core CPU):
 
     python -m mtbert.train --data data --out runs/demo --epochs 1 --max-train-examples 8000 \\
         --batch_size 16 --lr 1e-4 --hidden_dropout_prob 0.1 --para-head cross --sts-head cosine \\
-        --sts-loss cosine-mse --grad-method pcgrad --schedule linear --warmup 0.1
+        --sts-loss cosine-mse --grad-method pcgrad --schedule linear --warmup 0.1 --eval-every 125
 
 Writes into OUT: metrics.jsonl, metrics.png, config.json, last.pt (every --save-every steps and
-each epoch; --resume OUT/last.pt continues a killed run exactly), best.pt (best dev overall
-score), predictions/{sst,para,sts}-{dev,test}-output.csv in the starter's leaderboard format.
+each epoch; --resume OUT/last.pt continues a killed run exactly), best.pt (best overall score on
+the validation split, a seeded --val-fraction of each training file; --select-on dev chooses on
+dev as the CS224N starter does), predictions/{sst,para,sts}-{dev,test}-output.csv in the starter's
+leaderboard format. Dev is scored once, for best.pt; `mtbert-predict --checkpoint OUT/best.pt`
+predicts any file with it and exports the encoder (--export DIR).
 
 Exit status: 0 done; 2 a problem with what was given (a data file, a flag, a checkpoint, --out),
 told on one line (--debug adds the traceback); 1 a bug (with its traceback); 130 / 143 stopped by
@@ -160,6 +163,8 @@ def config_for_resume(stored: dict, settings: dict, checkpoint) -> TrainConfig:
     if unknown:
         raise CheckpointError(f"{checkpoint} holds settings this version does not know ({', '.join(unknown)}): "
                               "it was written by another version of mtbert")
+    if "select_on" not in stored:  # written before the validation split: it trains on every row, selects on dev
+        stored = {**stored, "select_on": "dev", "val_fraction": 0.0}
     stored = TrainConfig(**stored).to_dict()  # settings added since the checkpoint take their defaults
     synthetic = Path(stored["data"]).name == "synthetic-data"
     contradictions = []
@@ -269,8 +274,11 @@ def _train_process(args) -> int:
     if rank != 0:
         return 0
     label = "SYNTHETIC sanity data" if synthetic else f"mtbert dev ({config.model})"
-    rows = [(label, best)] + ([] if synthetic else [("paper dev (BERT-base)", PAPER_DEV)])
-    print(summary_table(rows))
+    chosen = trainer.best
+    rows = [(label, best)]
+    if chosen["selected_on"] == "val":
+        rows.insert(0, (f"validation split (chose step {chosen['step']}, epoch {chosen['epoch']})", chosen["scores"]))
+    print(summary_table(rows + ([] if synthetic else [("paper dev (BERT-base)", PAPER_DEV)])))
     print(f"training time: {trainer.train_seconds / 60:.1f} min (steps and checkpoints; evaluation excluded)")
     print(f"outputs in {config.out}: metrics.jsonl, metrics.png, best.pt, last.pt, predictions/")
     return 0

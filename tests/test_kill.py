@@ -71,7 +71,8 @@ def test_sigkill_at_seeded_points_then_resume_equals_uninterrupted_run(tiny_mode
 
     assert _metrics(out) == _metrics(reference)
     best, best_reference = load_checkpoint(out / "best.pt"), load_checkpoint(reference / "best.pt")
-    assert (best["epoch"], best["dev"], best["config"]["epochs"]) == (best_reference["epoch"], best_reference["dev"], 2)
+    assert (best["epoch"], best["scores"], best["config"]["epochs"]) == (best_reference["epoch"],
+                                                                         best_reference["scores"], 2)
     for name, value in best_reference["model"].items():
         assert torch.equal(best["model"][name], value), name
     predictions = sorted(p.name for p in (reference / "predictions").iterdir())

@@ -21,6 +21,9 @@ def test_row_parses_into_train_config(name, tmp_path):
     assert config.option == options["--option"] and config.lr == float(options["--lr"])
     assert (config.para_head, config.sts_head, config.sts_loss, config.grad_method) == (
         options["--para-head"], options["--sts-head"], options["--sts-loss"], options["--grad-method"])
+    assert config.layer_lr_decay == float(options.get("--layer-lr-decay", 1.0))
+    assert config.head_lr == (float(options["--head-lr"]) if "--head-lr" in options else None)
+    assert (config.select_on, config.val_fraction) == ("val", 0.1)  # rows are compared on the validation split
 
 
 def test_rows_cover_the_papers_ablations():
@@ -38,7 +41,10 @@ def test_render_lists_rows_in_table_order_with_wall_time():
     lines = paper_table.render(results, "# t").splitlines()
     table = [line for line in lines if line.startswith("| pretrain") or line.startswith("| pcgrad")]
     assert table[0].startswith("| pretrain") and table[1].startswith("| pcgrad")
-    assert "| 9 | 0.400 | 0.700 | 0.800 | 0.650 | 1.5 min |" in table[0]
+    assert "| 9 | – | 0.400 | 0.700 | 0.800 | 0.650 | 1.5 min |" in table[0]  # chosen on dev: no validation score
+    results["pcgrad"]["validation"] = {**scores, "overall": 0.61}
+    pcgrad = next(line for line in paper_table.render(results, "").splitlines() if line.startswith("| pcgrad"))
+    assert "| 9 | 0.610 | 0.400 |" in pcgrad
     assert any(line.startswith("| paper") for line in lines)
 
 
@@ -47,4 +53,4 @@ def test_render_escapes_pipes_in_descriptions():
     results = {"sbert": {"row": "sbert", "description": "(u, v, |u-v|)", "argv": [], "steps": 1, "wall_s": 1.0,
                          "scores": scores}}
     row = next(line for line in paper_table.render(results, "").splitlines() if line.startswith("| sbert"))
-    assert row.replace("\\|", "").count("|") == 9  # the table's own 9 column borders
+    assert row.replace("\\|", "").count("|") == 10  # the table's own 10 column borders

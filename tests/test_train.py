@@ -131,7 +131,7 @@ def test_loss_decreases_and_outputs_are_written(tiny_model_dir, toy_data, tmp_pa
     train = _records(tmp_path, "train")
     for task in ("sst", "para", "sts"):
         assert train[-1]["loss"][task] < train[0]["loss"][task], task
-    assert len(_records(tmp_path, "dev")) == 3 and _records(tmp_path, "final")[0]["overall"] == scores["overall"]
+    assert len(_records(tmp_path, "val")) == 3 and _records(tmp_path, "final")[0]["overall"] == scores["overall"]
     for task in ("sst", "para", "sts"):
         for split in ("dev", "test"):
             header, predictions = _parse_predictions(tmp_path / "predictions" / f"{task}-{split}-output.csv")
@@ -148,7 +148,7 @@ def test_loss_decreases_and_outputs_are_written(tiny_model_dir, toy_data, tmp_pa
     assert plot_main([str(tmp_path), "--output", str(tmp_path / "again.png")]) == 0
     assert (tmp_path / "again.png").stat().st_size > 1000
     best = checkpoints.load_checkpoint(tmp_path / "best.pt")
-    assert best["dev"]["overall"] == pytest.approx(max(r["overall"] for r in _records(tmp_path, "dev")))
+    assert best["scores"]["overall"] == pytest.approx(max(r["overall"] for r in _records(tmp_path, "val")))
 
 
 class _Killed(Exception):
@@ -183,7 +183,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_model_dir, toy_data, tm
     assert resumed_scores == reference_scores
     # Training time carries over the kill: the resumed run counts on from the checkpoint's.
     assert resumed.train_seconds > state["train_seconds"] > 0
-    minutes = [r["train_minutes"] for r in _records(killed_out, "dev")]
+    minutes = [r["train_minutes"] for r in _records(killed_out, "val")]
     assert len(minutes) == 2 and 0 < minutes[0] < minutes[1] == pytest.approx(resumed.train_seconds / 60)
     strip = [{k: v for k, v in r.items() if k != "examples_per_s"} for r in _records(tmp_path / "reference", "train")]
     assert strip == [{k: v for k, v in r.items() if k != "examples_per_s"} for r in _records(killed_out, "train")]
@@ -311,7 +311,8 @@ def test_packed_pass_fills_the_rows_of_the_per_task_passes(tiny_model_dir, toy_d
     for mode, mode_kernels in (("packed", kernels), ("per-task", "torch")):
         monkeypatch.setenv("MTBERT_KERNELS", mode_kernels)
         trainer = Trainer(_config(tiny_model_dir, toy_data, tmp_path / mode, passes=mode, para_head=pair_head,
-                                  sts_head=pair_head, loss_weights={"sts": 0.5}, batch_size=batch_size))
+                                  sts_head=pair_head, loss_weights={"sts": 0.5}, batch_size=batch_size,
+                                  select_on="dev"))  # every training row: 96 make full batches
         trainer.model.eval()  # no dropout: both modes compute the same function
         if bf16:
             trainer._autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)

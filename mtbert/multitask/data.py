@@ -191,6 +191,24 @@ DEFAULT_FILES = {
 }
 
 
+def split_validation(examples, fraction, seed, name=""):
+    """Splits training ``examples`` into (train, validation): a seeded random ``fraction`` of them
+    (rounded, at least one when ``fraction`` > 0) held out for choosing epochs, checkpoints and
+    settings, so that the dev set is scored once, for the final model. Both parts keep the file's
+    order; the draw depends only on ``(seed, name, len(examples))``."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    if fraction == 0.0:
+        return list(examples), []
+    size = max(1, round(fraction * len(examples)))
+    if size >= len(examples):
+        raise ValueError(f"{name or 'the training file'} has {len(examples)} example(s): too few to hold out "
+                         f"a validation fraction of {fraction} and still train")
+    held_out = set(random.Random(f"{seed}-validation-{name}").sample(range(len(examples)), size))
+    return ([e for i, e in enumerate(examples) if i not in held_out],
+            [e for i, e in enumerate(examples) if i in held_out])
+
+
 # -- batching -------------------------------------------------------------------------------------
 
 def example_lengths(examples, tokenizer, max_length=None, pair_mode="separate"):

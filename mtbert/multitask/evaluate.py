@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import metrics
 from .data import collate
@@ -12,8 +13,10 @@ PREDICTION_COLUMNS = {"sst": "Predicted_Sentiment", "para": "Predicted_Is_Paraph
 
 
 @torch.no_grad()
-def predict(model, task, examples, tokenizer, batch_size=64, max_length=None, device="cpu", autocast=None):
-    """Predictions (a CPU tensor, in the order of ``examples``) of ``model`` for one task.
+def head_scores(model, task, examples, tokenizer, batch_size=64, max_length=None, device="cpu", autocast=None,
+                progress=False):
+    """The head's raw scores (a float32 CPU tensor in the order of ``examples``: [N, 5] logits for
+    ``sst``, [N] for the pair tasks) of ``model`` for one task; ``progress`` shows a bar.
 
     Examples are run in order of length so batches carry little padding."""
     order = sorted(range(len(examples)), key=lambda i: sum(len(t) for t in examples[i].texts))
@@ -21,17 +24,24 @@ def predict(model, task, examples, tokenizer, batch_size=64, max_length=None, de
     was_training = model.training
     model.eval()
     chunks = []
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc=task, unit="batch", disable=not progress,
+                      dynamic_ncols=True):
         batch = collate([examples[i] for i in order[start:start + batch_size]], tokenizer, pair_mode, max_length)
         inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
         with autocast() if autocast else torch.autocast("cpu", enabled=False):
             scores = model(task, inputs)
-        chunks.append(model.predict(task, scores.float()).cpu())
+        chunks.append(scores.float().cpu())
     model.train(was_training)
     ordered = torch.cat(chunks)
     out = torch.empty_like(ordered)
     out[torch.tensor(order)] = ordered
     return out
+
+
+def predict(model, task, examples, tokenizer, **options):
+    """Predictions (a CPU tensor, in the order of ``examples``) of ``model`` for one task: the
+    class, 1.0 / 0.0, or the similarity (``model.predict`` of :func:`head_scores`)."""
+    return model.predict(task, head_scores(model, task, examples, tokenizer, **options))
 
 
 def task_metrics(task, predictions, labels) -> dict:
@@ -46,14 +56,28 @@ def evaluate(model, dev_sets, tokenizer, predictor=predict, **predict_options):
     """Dev metrics of every task in ``dev_sets`` ({task: TaskFile}) and, when all three are present,
     the overall score. Returns ``(metrics, {task: predictions})``. ``predictor``: a function with
     :func:`predict`'s signature (the trainer's shards the examples over processes)."""
-    scores, predictions = {}, {}
-    for task, dev in dev_sets.items():
-        predictions[task] = predictor(model, task, dev.examples, tokenizer, **predict_options)
-        labels = torch.tensor([e.label for e in dev.examples])
-        scores.update(task_metrics(task, predictions[task], labels))
+    predictions = {task: predictor(model, task, dev.examples, tokenizer, **predict_options)
+                   for task, dev in dev_sets.items()}
+    return file_metrics(dev_sets, predictions), predictions
+
+
+def file_metrics(task_files, predictions) -> dict:
+    """The metrics of ``predictions`` ({task: tensor}) on the labeled files of ``task_files``
+    ({task: TaskFile}), with the overall score when all three tasks are scored."""
+    scores = {}
+    for task, task_file in task_files.items():
+        if task_file.labeled:
+            labels = torch.tensor([e.label for e in task_file.examples])
+            scores.update(task_metrics(task, predictions[task], labels))
     if {"sst_acc", "para_acc", "sts_pearson"} <= scores.keys():
         scores["overall"] = metrics.overall_score(scores["sst_acc"], scores["para_acc"], scores["sts_pearson"])
-    return scores, predictions
+    return scores
+
+
+def selection_score(scores) -> float:
+    """The number best.pt maximises: the overall score when all three tasks are scored, else the
+    mean of the scores."""
+    return scores.get("overall", sum(scores.values()) / len(scores))
 
 
 def format_prediction(task, value) -> str:

@@ -2,6 +2,8 @@
 one flat buffer; each task back-propagates into its own row of the [K, P] gradient buffer; the rows
 are combined (sum / PCGrad / main+aux, two passes in C++); ``FusedAdamW`` updates the buffer in
 one kernel per parameter group. The trainer sees only :class:`GradientPath`'s methods."""
+import re
+
 import torch
 
 from .. import distributed
@@ -18,6 +20,42 @@ def decay_groups(parameters, weight_decay):
     return [g for g in groups if g["params"]]
 
 
+def learning_rate_factors(model, layer_decay=1.0, head_lr_factor=1.0) -> dict:
+    """{id(parameter): multiplier of the base learning rate} for every parameter of ``model``.
+
+    Layer-wise decay (Howard & Ruder 2018; Sun et al. 2019, "How to fine-tune BERT", §5.3): the
+    top encoder layer (and the pooler) gets the base rate, each layer below ``layer_decay`` times
+    the one above, the embeddings ``layer_decay ** num_layers`` (lower layers hold general features
+    that fine-tuning should move less). The heads get ``head_lr_factor``: freshly initialised, they
+    can learn faster than the encoder."""
+    layers = model.encoder.config.num_hidden_layers
+    factors = {}
+    for name, parameter in model.encoder.named_parameters():
+        layer = re.match(r"encoder\.layer\.(\d+)\.", name)
+        if layer:
+            depth = int(layer.group(1)) + 1
+        else:
+            depth = 0 if name.startswith("embeddings.") else layers
+        factors[id(parameter)] = layer_decay ** (layers - depth)
+    for parameter in model.heads.parameters():
+        factors[id(parameter)] = head_lr_factor
+    return factors
+
+
+def learning_rate_groups(parameters, lr, weight_decay, factors=None):
+    """AdamW parameter groups of :func:`decay_groups`, split further by learning rate (``lr``
+    times ``factors[id(p)]``, 1 when absent). With every factor 1 these are exactly
+    :func:`decay_groups`' groups, so checkpoints of runs without the levers keep their layout."""
+    factors = factors or {}
+    groups = {}
+    for index, group in enumerate(decay_groups(parameters, weight_decay)):
+        for p in group["params"]:
+            key = (-factors.get(id(p), 1.0), index)  # highest rate first, then decay_groups' order
+            groups.setdefault(key, {"params": [], "lr": -lr * key[0], "weight_decay": group["weight_decay"]})
+            groups[key]["params"].append(p)
+    return [groups[key] for key in sorted(groups)]
+
+
 class GradientPath:
     """Per-task backward (or one packed backward for all tasks), combination and the optimizer
     step for the trained tasks of ``model``.
@@ -31,7 +69,9 @@ class GradientPath:
         groups = model.task_parameters()
         self.flat = FlatParameters(shared=groups["shared"], tasks={t: groups[t] for t in config.tasks},
                                    numel_multiple=self._numel_multiple())
-        self.optimizer = self._make_optimizer(decay_groups(self.flat.parameters(), config.weight_decay), config.lr)
+        factors = learning_rate_factors(model, config.layer_lr_decay, (config.head_lr or config.lr) / config.lr)
+        self.optimizer = self._make_optimizer(learning_rate_groups(self.flat.parameters(), config.lr,
+                                                                   config.weight_decay, factors), config.lr)
         self.method = config.grad_method
         self.main_task = config.main_task if config.grad_method == "main-aux" else None
         self.aux_weight = config.aux_weight

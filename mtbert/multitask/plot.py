@@ -1,11 +1,16 @@
-"""``mtbert-plot OUT``: training loss per task and dev metrics per epoch from ``OUT/metrics.jsonl``."""
+"""``mtbert-plot OUT``: training loss per task and the selection split's metrics (validation, or
+dev with --select-on dev) against steps from ``OUT/metrics.jsonl``, the chosen checkpoint marked."""
 import argparse
 import json
 import sys
 from pathlib import Path
 
+from .evaluate import selection_score
+
 DEV_METRICS = (("sst_acc", "SST acc"), ("para_acc", "Quora acc"), ("sts_pearson", "STS Pearson"),
                ("overall", "overall"))
+SCORE_KEYS = ("sst_acc", "para_acc", "sts_pearson", "sts_spearman", "overall")
+SPLIT_NAMES = {"val": "validation", "dev": "dev"}
 
 
 def read_metrics(path) -> list:
@@ -18,33 +23,68 @@ def read_metrics(path) -> list:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def selection_curves(records) -> tuple:
+    """The evaluations that chose the checkpoint: ``(split, {metric: [(step, value)]}, best)``,
+    ``split`` being ``'val'`` or ``'dev'`` (runs that select on dev, and runs written before the
+    validation split), ``best`` the record with the highest selection score (the first on a tie, as
+    the trainer keeps it), None when there is no evaluation."""
+    split = "val" if any(r["kind"] == "val" for r in records) else "dev"
+    evaluations = [r for r in records if r["kind"] == split]
+    curves = {key: [(r["step"], r[key]) for r in evaluations if key in r] for key, _ in DEV_METRICS}
+    best = None
+    for record in evaluations:
+        if best is None or selection_score(_scores(record)) > selection_score(_scores(best)):
+            best = record
+    return split, {key: points for key, points in curves.items() if points}, best
+
+
+def _scores(record):
+    """The metrics of an evaluation record, without its step, epoch and timing."""
+    return {k: v for k, v in record.items() if k in SCORE_KEYS}
+
+
+def _plot_selection(axes, records, last_step):
+    """The selection split's metrics against steps on ``axes``, the chosen checkpoint marked. The
+    x axis spans the whole run, so one evaluation (a one-epoch run without --eval-every) shows as
+    a labelled point at the run's end, not as a dot alone on its own scale."""
+    split, curves, best = selection_curves(records)
+    name = SPLIT_NAMES[split]
+    for key, label in DEV_METRICS:
+        if key not in curves:
+            continue
+        steps, values = zip(*curves[key])
+        (line,) = axes.plot(steps, values, marker="o", markersize=3, label=label)
+        if len(values) == 1:
+            axes.annotate(f"{values[0]:.3f}", (steps[0], values[0]), textcoords="offset points", xytext=(-8, 4),
+                          ha="right", color=line.get_color())
+        if best is not None and key in best:
+            axes.plot([best["step"]], [best[key]], marker="*", markersize=12, color=line.get_color())
+    if best is not None:
+        axes.axvline(best["step"], color="grey", linestyle=":", label=f"chosen (step {best['step']})")
+        axes.legend(fontsize="small")
+    axes.set_xlim(0, max(last_step, best["step"] if best else 0) * 1.02 + 1)
+    axes.set(xlabel="step", ylabel=f"{name} score", title=f"{name} metrics (best.pt marked)")
+
+
 def plot_metrics(run_dir, output=None) -> Path:
     """Draws ``run_dir/metrics.jsonl`` into a PNG (default ``run_dir/metrics.png``); returns its path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
     records = read_metrics(run_dir)
     output = Path(output) if output else Path(run_dir) / "metrics.png"
     train = [r for r in records if r["kind"] == "train"]
-    dev = [r for r in records if r["kind"] == "dev"]
-    figure, (loss_axes, dev_axes) = plt.subplots(1, 2, figsize=(11, 4))
+    # One step axis for both panels: losses and evaluations line up, and the run's full length shows.
+    figure, (loss_axes, dev_axes) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     for task in sorted({t for r in train for t in r["loss"]}):
         points = [(r["step"], r["loss"][task]) for r in train if task in r["loss"]]
-        loss_axes.plot(*zip(*points), label=task)
+        loss_axes.plot(*zip(*points), marker="o", markersize=2, label=task)  # a one-record run shows its point
     loss_axes.set(xlabel="step", ylabel="training loss (mean since last point)", title="training loss per task")
     if train:
         loss_axes.legend()
-    for key, name in DEV_METRICS:
-        points = [(r["epoch"], r[key]) for r in dev if key in r]
-        if points:
-            dev_axes.plot(*zip(*points), marker="o", label=name)
-    dev_axes.set(xlabel="epoch", ylabel="dev score", title="dev metrics per epoch")
-    dev_axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    if dev:
-        dev_axes.legend()
+    _plot_selection(dev_axes, records, max((r["step"] for r in records), default=0))
     figure.tight_layout()
     figure.savefig(output, dpi=120)
     plt.close(figure)

@@ -22,8 +22,8 @@ from ..pretrained import DEFAULT_MODEL
 from ..tokenizer import Tokenizer
 from . import evaluate as evaluation
 from .checkpoint import kill_point, load_checkpoint, rng_states, save_checkpoint, set_rng_states
-from .data import (DEFAULT_FILES, TASKS, LengthBucketSampler, collate, concat_inputs, example_lengths, load_task_file,
-                   rank_share)
+from .data import (DEFAULT_FILES, TASKS, LengthBucketSampler, TaskFile, collate, concat_inputs, example_lengths,
+                   load_task_file, rank_share, split_validation)
 from .heads import PAIR_HEADS
 from .losses import STS_LOSSES
 from .model import MultitaskBert
@@ -42,6 +42,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 # packed: one encoder forward and backward over all task slots of a step, each task's gradient
 # split into its row by the encoder's ops; per-task: one forward and backward per slot (the reference).
 PASSES = ("packed", "per-task")
+SELECTION_SPLITS = ("val", "dev")
 # 2: the fused query/key/value parameter (one optimizer state instead of three), the loss window.
 CHECKPOINT_FORMAT = 2
 
@@ -135,6 +136,12 @@ class TrainConfig:
     eval_batch_size: int = setting(128, group="optimization", help="examples per evaluation batch")
     lr: float = setting(None, group="optimization", show_default=False,
                         help="learning rate (default: 1e-3 with pretrain, 1e-5 with finetune, the starter's advice)")
+    layer_lr_decay: float = setting(1.0, "--layer-lr-decay", group="optimization", metavar="D",
+                                    help="layer-wise learning-rate decay: the top encoder layer trains at --lr, each "
+                                         "layer below at D times the one above, the embeddings at D^layers "
+                                         "(1: off; 0.8-0.95 is usual)")
+    head_lr: float = setting(None, "--head-lr", group="optimization", show_default=False,
+                             help="learning rate of the task heads (default: --lr)")
     weight_decay: float = setting(0.0, group="optimization",
                                   help="AdamW decoupled weight decay, not applied to biases and LayerNorm")
     warmup: float = setting(0.0, group="optimization",
@@ -158,7 +165,26 @@ class TrainConfig:
     max_train_examples: int = setting(None, group="data", metavar="N", show_default=False,
                                       help="train on a seeded random subset of at most N examples per task")
     max_dev_examples: int = setting(None, group="data", metavar="N", show_default=False,
-                                    help="evaluate on at most N dev examples per task")
+                                    help="evaluate on at most N dev (and validation) examples per task")
+    # Choosing epochs and checkpoints on the dev set that is then reported flatters the report; a
+    # validation split carved out of the training files keeps dev for one final measurement.
+    val_fraction: float = setting(None, group="data", metavar="F", show_default=False,
+                                  help="hold out a seeded random fraction F of each training file as the validation "
+                                       "split that chooses the best checkpoint (default: 0.1; 0 with --select-on dev)")
+    select_on: str = setting("val", group="data", choices=SELECTION_SPLITS,
+                             help="split that chooses the best checkpoint: val (the held-out part of the training "
+                                  "files; dev is scored once, for the final model) or dev (the CS224N habit: every "
+                                  "training row is trained on, and dev both chooses and reports)")
+    val_seed: int = setting(11711, group="data",
+                            help="seed of the validation split's draw, apart from --seed so that runs with different "
+                                 "seeds (and their ensembles) are chosen and compared on the same rows")
+    keep_checkpoints: bool = setting(False, group="run", action="store_true",
+                                     help="also keep the model of every evaluation as OUT/checkpoints/step-N.pt "
+                                          "(about the encoder's size each), for checkpoint averaging with "
+                                          "mtbert-predict --average-weights")
+    eval_every: int = setting(0, group="run", metavar="N",
+                              help="also evaluate the selection split every N steps within an epoch (best.pt can be "
+                                   "a mid-epoch checkpoint), 0 for epoch ends only")
     seed: int = setting(11711, group="optimization", help="seed of every random draw")
     use_gpu: bool = setting(False, "--use_gpu", group="run", action="store_true",
                             help="train on CUDA when available")
@@ -182,7 +208,8 @@ class TrainConfig:
                   ("task_sampling", self.task_sampling, TASK_SAMPLINGS), ("schedule", self.schedule, LR_SCHEDULES),
                   ("main_task", self.main_task, TASKS), ("pooling", self.pooling, POOLINGS),
                   ("para_head", self.para_head, PAIR_HEADS), ("sts_head", self.sts_head, PAIR_HEADS),
-                  ("sts_loss", self.sts_loss, STS_LOSSES), ("passes", self.passes, PASSES)]
+                  ("sts_loss", self.sts_loss, STS_LOSSES), ("passes", self.passes, PASSES),
+                  ("select_on", self.select_on, SELECTION_SPLITS)]
         for name, value, allowed in checks:
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
@@ -196,15 +223,29 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("save_every", "log_every"):
+        if self.val_fraction is None:
+            self.val_fraction = 0.1 if self.select_on == "val" else 0.0
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.select_on == "val" and self.val_fraction == 0.0:
+            raise ConfigError("val_fraction 0 leaves no validation split to select on: give --val-fraction > 0, "
+                              "or --select-on dev")
+        if self.select_on == "dev" and self.val_fraction > 0.0:
+            raise ConfigError(f"val_fraction {self.val_fraction} with select_on 'dev' would hold training rows out "
+                              "and never use them: drop --val-fraction, or --select-on val")
+        for name in ("save_every", "log_every", "eval_every"):
             if getattr(self, name) < 0 or (name == "log_every" and self.log_every == 0):
                 raise ConfigError(f"{name} must be >= {int(name == 'log_every')}, got {getattr(self, name)}")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if self.lr is None:
             self.lr = 1e-3 if self.option == "pretrain" else 1e-5
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr must be a positive finite number, got {self.lr}")
+        for name in ("lr", "head_lr"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive finite number, got {value}")
+        if not 0.0 < self.layer_lr_decay <= 1.0:
+            raise ConfigError(f"layer_lr_decay must be in (0, 1], got {self.layer_lr_decay}")
 
     def file(self, task, split):
         path = self.files.get(f"{task}_{split}")
@@ -309,6 +350,33 @@ def _subset(examples, limit, seed, name):
     return [examples[i] for i in sorted(rng.sample(range(len(examples)), limit))]
 
 
+def _evaluable(task_file, what):
+    if len(task_file.examples) < 2:  # Pearson and accuracy need rows to compare
+        raise DataFileError(f"the {what} has {len(task_file.examples)} usable row(s); evaluation needs at least 2")
+    return task_file
+
+
+def load_training_split(config, task) -> tuple:
+    """``(train, validation)``: the :class:`TaskFile` of the rows of ``task`` that a run of
+    ``config`` trains on, and the validation split it holds out of the same file (None with
+    ``val_fraction`` 0). ``mtbert-predict --validation`` rebuilds the split with it."""
+    train = load_task_file(task, config.file(task, "train"), labeled=True)
+    if not train.examples:
+        raise DataFileError(f"{train.path} has no usable training rows")
+    # Drawn from the whole file, before --max-train-examples, and with --val-seed rather than
+    # --seed: the same rows for every training subset and every seed of a configuration.
+    try:
+        kept, held_out = split_validation(train.examples, config.val_fraction, config.val_seed, f"{task}-train")
+    except ValueError as err:
+        raise DataFileError(f"{train.path}: {err}") from None
+    train.examples = _subset(kept, config.max_train_examples, config.seed, f"{task}-train")
+    if not held_out:
+        return train, None
+    val = TaskFile(task, train.path, _subset(held_out, config.max_dev_examples, config.val_seed, f"{task}-val"),
+                   0, True)
+    return train, _evaluable(val, f"validation split of {train.path}")
+
+
 class TrainingStopped(Exception):
     """``fit()`` stopped early at a step boundary because :meth:`Trainer.request_stop` was called
     (the command line calls it on SIGINT / SIGTERM); ``checkpoint`` holds the state to resume from."""
@@ -363,10 +431,10 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_overall, self.skipped_steps = -math.inf, 0
         self.train_seconds = 0.0  # wall time of the training steps and their checkpoints, no evaluation
-        self._best_dev = None  # (epoch, dev metrics, dev predictions) of the best epoch run here
         self.token_slots = {t: [0, 0] for t in config.tasks}  # real tokens, padded slots this epoch
         self.loss_window = {t: [0.0, 0] for t in config.tasks}  # loss sum, count since the last record
         self.stop_reason = None
+        self.best = None  # best.pt's selection record (split, scores, epoch, step), set by finish()
         self._stop_agreed = False  # under torchrun: whether the last step's all-reduce carried a stop request
 
     def request_stop(self, reason="a stop request"):
@@ -381,19 +449,14 @@ class Trainer:
     # -- setup --------------------------------------------------------------------------------
     def _load_data(self):
         cfg = self.config
-        self.train_sets, self.dev_sets, self.test_sets = {}, {}, {}
+        self.train_sets, self.val_sets, self.dev_sets, self.test_sets = {}, {}, {}, {}
         for task in cfg.tasks:
-            train = load_task_file(task, cfg.file(task, "train"), labeled=True)
-            train.examples = _subset(train.examples, cfg.max_train_examples, cfg.seed, f"{task}-train")
-            if not train.examples:
-                raise DataFileError(f"{train.path} has no usable training rows")
-            self.train_sets[task] = train
+            self.train_sets[task], val = load_training_split(cfg, task)
+            if val is not None:
+                self.val_sets[task] = val
             dev = load_task_file(task, cfg.file(task, "dev"), labeled=True)
             dev.examples = _subset(dev.examples, cfg.max_dev_examples, cfg.seed, f"{task}-dev")
-            if len(dev.examples) < 2:  # Pearson and accuracy need rows to compare
-                raise DataFileError(f"{dev.path} has {len(dev.examples)} usable dev row(s); "
-                                    "evaluation needs at least 2")
-            self.dev_sets[task] = dev
+            self.dev_sets[task] = _evaluable(dev, f"dev file {dev.path}")
             test_path = cfg.file(task, "test")
             if test_path.is_file():
                 self.test_sets[task] = load_task_file(task, test_path, labeled=False)
@@ -459,7 +522,7 @@ class Trainer:
     @staticmethod
     def check_checkpoint(state, path):
         """Raises :class:`CheckpointError` unless ``state`` is a training checkpoint (``last.pt``)."""
-        if "format" not in state and {"model", "dev"} <= state.keys():
+        if "format" not in state and "model" in state and ("scores" in state or "dev" in state):
             raise CheckpointError(f"{path} is a best-model checkpoint (best.pt): it has no optimizer or sampler "
                                   "state to resume from; resume from last.pt in the same directory")
         if isinstance(state.get("format"), int) and state["format"] < CHECKPOINT_FORMAT:
@@ -655,6 +718,10 @@ class Trainer:
                              loss={t: s / c for t, (s, c) in window.items() if c}, examples_per_s=speed,
                              lr=self.scheduler.get_last_lr()[0], skipped_steps=self.skipped_steps)
                 window = self.loss_window = {t: [0.0, 0] for t in cfg.tasks}
+            if cfg.eval_every and self.global_step % cfg.eval_every == 0 and self.step_in_epoch < len(plan):
+                evaluation_seconds = self._select()
+                started += evaluation_seconds  # evaluation time is neither training time nor training speed
+                step_started += evaluation_seconds
             if cfg.save_every and self.global_step % cfg.save_every == 0 and self.step_in_epoch < len(plan):
                 self.save()
             self.train_seconds += time.perf_counter() - step_started
@@ -670,20 +737,33 @@ class Trainer:
         logger.info("epoch %d padding (measured): %s", self.epoch + 1,
                     ", ".join(f"{t} {100 * f:.1f}% of token slots" for t, f in padding.items()))
         self._record(kind="padding", epoch=self.epoch, step=self.global_step, **padding)
-        scores, predictions = self.evaluate()
-        logger.info("epoch %d dev after %.1f min of training: %s", self.epoch + 1, self.train_seconds / 60,
-                    ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-        self._record(kind="dev", epoch=self.epoch + 1, step=self.global_step,
-                     train_minutes=self.train_seconds / 60, **scores)
-        selection = scores.get("overall", sum(scores.values()) / len(scores))
+        self._select()
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.save()
+
+    def _select(self) -> float:
+        """Evaluates the selection split (``config.select_on``), records the scores and writes
+        ``best.pt`` when they are the best so far. Returns the seconds it took."""
+        started = time.perf_counter()
+        split = self.config.select_on
+        scores, _ = self.evaluate(self.val_sets if split == "val" else self.dev_sets)
+        plan_length = len(self.plans[self.epoch])
+        epoch = self.epoch + 1 if self.step_in_epoch == plan_length else round(
+            self.epoch + self.step_in_epoch / plan_length, 3)
+        logger.info("%s after %d steps (epoch %s, %.1f min of training): %s", split, self.global_step, epoch,
+                    self.train_seconds / 60, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        self._record(kind=split, epoch=epoch, step=self.global_step, train_minutes=self.train_seconds / 60, **scores)
+        selection = evaluation.selection_score(scores)
+        model = {"config": self.config.to_dict(), "encoder_config": self.model.encoder.config.to_dict(),
+                 "model": self.model.state_dict(), "selected_on": split, "scores": scores, "epoch": epoch,
+                 "step": self.global_step}
+        if self.config.keep_checkpoints and self.is_main:
+            save_checkpoint(model, self.out / "checkpoints" / f"step-{self.global_step}.pt")
         if selection > self.best_overall:
             self.best_overall = selection
-            self._best_dev = (self.epoch, scores, predictions)
             if self.is_main:
-                save_checkpoint({"config": self.config.to_dict(), "model": self.model.state_dict(), "dev": scores,
-                                 "epoch": self.epoch}, self.out / "best.pt")
-        self.save()
+                save_checkpoint(model, self.out / "best.pt")
+        return time.perf_counter() - started
 
     def evaluate(self, sets=None, sharded=True):
         """Scores and predictions of ``sets`` (default: the dev sets). Under torchrun, ``sharded``:
@@ -708,16 +788,18 @@ class Trainer:
         return torch.empty_like(predictions).index_copy_(0, order, predictions)
 
     def finish(self):
-        """Reloads the best checkpoint, writes dev and test predictions, the plot, and returns the
-        best dev metrics (rank 0; the other ranks return None)."""
+        """Reloads the best checkpoint (chosen on the selection split), scores it on dev (the one dev
+        evaluation of a run that selects on the validation split), writes dev and test predictions
+        and the plot. Returns the dev metrics; ``self.best`` holds best.pt's selection record.
+        Under torchrun rank 0 alone does this (the other ranks return None)."""
         if not self.is_main:
             return None
         best = load_checkpoint(self.out / "best.pt")
         self.model.load_state_dict(best["model"])
-        if self._best_dev is not None and self._best_dev[0] == best["epoch"]:
-            _, scores, dev_predictions = self._best_dev  # evaluated by this process already
-        else:
-            scores, dev_predictions = self.evaluate(sharded=False)  # rank 0 alone gets here
+        # A best.pt written before the validation split was chosen on dev and named its scores "dev".
+        self.best = {"selected_on": best.get("selected_on", "dev"), "scores": best.get("scores", best.get("dev")),
+                     "epoch": best["epoch"], "step": best.get("step", self.global_step)}
+        scores, dev_predictions = self.evaluate(sharded=False)  # rank 0 alone gets here
         options = self._prediction_options()
         written = []
         for task, dev in self.dev_sets.items():
@@ -727,7 +809,8 @@ class Trainer:
             predictions = evaluation.predict(self.model, task, test.examples, self.tokenizer, **options)
             written.append(evaluation.write_predictions(self.config.prediction_file(task, "test"), task,
                                                         [e.id for e in test.examples], predictions))
-        self._record(kind="final", epoch=best["epoch"], step=self.global_step, **scores)
+        self._record(kind="final", epoch=best["epoch"], step=self.global_step, best_step=self.best["step"],
+                     selected_on=self.best["selected_on"], selection_scores=self.best["scores"], **scores)
         from .plot import plot_metrics
 
         plot = plot_metrics(self.out)
