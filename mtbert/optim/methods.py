@@ -224,35 +224,44 @@ def _barrier_stationary_point(gram: torch.Tensor, power: float, start: Optional[
                               method: str = "nash-mtl") -> Optional[torch.Tensor]:
     """The x > 0 with G x = x^(-power) (power > 0), the minimizer of the strictly convex
     1/2 x^T G x - sum_i h(x_i), h' = x^(-power) (log for power = 1): damped Newton from ``start``
-    to a relative residual of 1e-13. Rows with G_ii = 0 must be removed first. None when the
-    gradients cancel (some x >= 0 with G x = 0: the objective is unbounded below)."""
+    to a relative residual of 1e-13 K (or the best reached by rounding, at most 1e-9). Rows with
+    G_ii = 0 must be removed first. None when the gradients cancel (0 in their convex hull)."""
     K = gram.shape[0]
     trace = gram.diagonal().sum()
     G = gram / trace  # x scales by trace^(-1 / (1 + power))
+    hull_point = min_norm_simplex(G)
+    if hull_point @ G @ hull_point <= 1e-14:
+        # 0 in the convex hull (w >= 0, J^T w = 0): then w . G x = 0 < w . x^(-power), no solution.
+        return None
     x = (G.diagonal().rsqrt() if start is None else start.clone()).clamp_min(1e-8)
 
     def objective(x):
         return (0.5 * x @ G @ x - (x.log().sum() if power == 1 else (x ** (1 - power)).sum() / (1 - power))).item()
 
     value = objective(x)
-    for _ in range(200):
+    best, best_residual = x, math.inf
+    for _ in range(100):
         residual = G @ x - x ** (-power)
-        if (residual.abs() * x).max() <= 1e-13 * K:
-            return x * trace ** (-1 / (1 + power))
-        hessian = G + torch.diag(power * x ** (-power - 1))
-        step = torch.linalg.solve(hessian, -residual)
+        scaled_residual = (residual.abs() * x).max().item()  # relative: x_i (G x)_i / x_i^(1 - power) - 1
+        if scaled_residual < best_residual:
+            best, best_residual = x, scaled_residual
+        if scaled_residual <= 1e-13 * K:
+            break
+        step = torch.linalg.solve(G + torch.diag(power * x ** (-power - 1)), -residual)
+        decrement = -(residual @ step).item()  # the squared Newton decrement
         t = 1.0
-        while True:
-            candidate = x + t * step
-            if (candidate > 0).all():
-                candidate_value = objective(candidate)
-                if candidate_value <= value + 1e-4 * t * (residual @ step).item() or t < 1e-12:
-                    break
+        while not (x + t * step > 0).all():
             t /= 2
-        if t < 1e-12 or x.max() > 1e12:
-            return None
-        x, value = candidate, candidate_value
-    raise RuntimeError(f"{method}: Newton did not converge in 200 iterations")
+        if decrement > 0.0625:
+            # Far from the solution: backtrack until the objective decreases enough (Armijo). Near
+            # it the decrease is below rounding, and full Newton steps converge quadratically.
+            while objective(x + t * step) > value - 1e-4 * t * decrement and t > 1e-12:
+                t /= 2
+        x = x + t * step
+        value = objective(x)
+    if best_residual > 1e-9:
+        raise RuntimeError(f"{method}: Newton stopped at a relative residual of {best_residual:.1e}")
+    return best * trace ** (-1 / (1 + power))
 
 
 def _on_nonzero_rows(gram: torch.Tensor, solve) -> torch.Tensor:
