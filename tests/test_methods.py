@@ -8,6 +8,7 @@ solutions must satisfy their optimality conditions to 1e-8. "Relative" is to the
 or to 1e-3 of the largest task gradient when the reference is smaller (an update that cancels
 exactly has no relative error)."""
 import io
+import math
 import warnings
 
 import numpy as np
@@ -21,6 +22,8 @@ torchjd = pytest.importorskip("torchjd")
 
 from torchjd import aggregation as jd  # noqa: E402
 
+from mtbert.multitask.checkpoint import load_checkpoint  # noqa: E402
+from mtbert.multitask.trainer import Trainer  # noqa: E402
 from mtbert.optim import GradVac, NashMTL, combine_gradients, make_weighting, pcgrad_orders  # noqa: E402
 
 P = 61  # columns: prime, so no vector or alignment boundary lines up
@@ -332,3 +335,49 @@ def test_state_round_trip_is_bit_exact(make):
         resumed.generator.set_state(saved["generator"])
     for J in steps[3:]:
         assert torch.equal(original(J @ J.T), resumed(J @ J.T))
+
+
+# -- training from the command-line config ------------------------------------------------------
+
+@pytest.mark.parametrize("method", NAMED)
+def test_every_method_trains_and_logs_weights_and_cosines(tiny_model_dir, toy_data, tmp_path, method):
+    from test_train import _config, _records
+
+    config = _config(tiny_model_dir, toy_data, tmp_path, max_train_examples=32, max_dev_examples=12,
+                     grad_method=method, log_every=1)
+    Trainer(config).fit()
+    records = _records(tmp_path, "train")
+    assert records
+    for record in records:
+        assert all(math.isfinite(v) for v in record["loss"].values())
+        assert set(record["grad_weights"]) == set(config.tasks)
+        assert all(math.isfinite(w) for w in record["grad_weights"].values())
+        assert set(record["grad_cosines"]) == {"sst/para", "sst/sts", "para/sts"}
+        assert all(-1 - 1e-9 <= c <= 1 + 1e-9 for c in record["grad_cosines"].values())
+
+
+def test_gradvac_resume_after_kill_is_bit_exact(tiny_model_dir, toy_data, tmp_path):
+    """GradVac's cosine targets and its projection-order generator travel in the checkpoint."""
+    from test_train import _config
+
+    options = dict(max_train_examples=64, max_dev_examples=12, save_every=2, grad_method="gradvac")
+    reference = Trainer(_config(tiny_model_dir, toy_data, tmp_path / "reference", **options))
+    reference.fit()
+
+    def kill_at_step_3(trainer):
+        if trainer.global_step == 3:
+            raise KeyboardInterrupt
+
+    killed = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_config(tiny_model_dir, toy_data, killed, **options), on_step=kill_at_step_3).fit()
+    state = load_checkpoint(killed / "last.pt")
+    assert state["global_step"] == 2 and state["gradients"]["weighting"]["targets"].abs().sum() > 0
+    resumed = Trainer(_config(tiny_model_dir, toy_data, killed, **options))
+    resumed.load_state_dict(state)
+    resumed.fit()
+    assert torch.equal(reference.gradients.weighting.targets, resumed.gradients.weighting.targets)
+    final_reference = load_checkpoint(tmp_path / "reference" / "last.pt")["model"]
+    final_resumed = load_checkpoint(killed / "last.pt")["model"]
+    for name, value in final_reference.items():
+        assert torch.equal(value, final_resumed[name]), name

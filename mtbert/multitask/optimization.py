@@ -1,11 +1,12 @@
 """The gradient path of a multitask step, on ``mtbert.optim``: every trainable parameter lives in
 one flat buffer; each task back-propagates into its own row of the [K, P] gradient buffer; the rows
-are combined (sum / PCGrad / main+aux, two passes in C++); ``FusedAdamW`` updates the buffer in
+are combined (sum / PCGrad / main+aux / MGDA / ..., two passes in C++); ``FusedAdamW`` updates the buffer in
 one kernel per parameter group. The trainer sees only :class:`GradientPath`'s methods."""
 import torch
 
 from ..kernels import GradientSegments
-from ..optim import FlatParameters, FusedAdamW
+from ..optim import FlatParameters, FusedAdamW, make_weighting
+from ..optim.combine import gradient_cosines
 
 
 def decay_groups(parameters, weight_decay):
@@ -24,16 +25,22 @@ class GradientPath:
     Rows of the gradient buffer follow ``config.tasks``; the shared segment is the encoder's
     trainable parameters (none with ``option='pretrain'``), then each task's head. Surgery applies to
     the shared segment; each head receives its own task's gradient. PCGrad's random projection
-    order comes from a generator seeded with ``config.seed`` and saved in checkpoints."""
+    order comes from a generator seeded with ``config.seed``; it and the method's own state (GradVac's
+    cosine targets, Nash-MTL's last solution) are saved in checkpoints."""
 
     def __init__(self, model, config):
         groups = model.task_parameters()
         self.flat = FlatParameters(shared=groups["shared"], tasks={t: groups[t] for t in config.tasks})
         self.optimizer = FusedAdamW(decay_groups(self.flat.parameters(), config.weight_decay), lr=config.lr)
-        self.method = config.grad_method
-        self.main_task = config.main_task if config.grad_method == "main-aux" else None
-        self.aux_weight = config.aux_weight
         self.generator = torch.Generator().manual_seed(config.seed)
+        main = self.flat.task_index(config.main_task) if config.grad_method == "main-aux" else 0
+        options = {"cagrad": {"c": config.cagrad_c}, "fairgrad": {"alpha": config.fairgrad_alpha},
+                   "nash-mtl": {"max_norm": config.nash_max_norm},
+                   "gradvac": {"beta": config.gradvac_beta}}.get(config.grad_method, {})
+        # Made once: a stateful method keeps its state from step to step.
+        self.weighting = make_weighting(config.grad_method, generator=self.generator, main=main,
+                                        aux_weight=config.aux_weight, **options)
+        self.last_combination = None
 
     def zero_grad(self):
         self.optimizer.zero_grad()
@@ -69,14 +76,28 @@ class GradientPath:
 
     def step(self):
         """Combines the rows into the update direction, then one AdamW step."""
-        self.flat.combine(self.method, generator=self.generator, main=self.main_task, aux_weight=self.aux_weight)
+        self.last_combination = self.flat.combine(self.weighting)
         self.optimizer.step()
 
+    def record(self):
+        """The last step's method weights and pairwise cosines of the task gradients on the shared
+        parameters, for metrics.jsonl: {"grad_weights": {task: w}, "grad_cosines": {"a/b": cos}}."""
+        if self.last_combination is None or self.flat.num_tasks < 2:
+            return {}
+        names = self.flat.task_names
+        cosines = gradient_cosines(self.flat.grads, self.flat.boundaries, self.last_combination)
+        return {"grad_weights": dict(zip(names, self.last_combination.weights[0].tolist())),
+                "grad_cosines": {f"{names[i]}/{names[j]}": cosines[i, j].item()
+                                 for i in range(len(names)) for j in range(i + 1, len(names))}}
+
     def state_dict(self):
-        return {"generator": self.generator.get_state()}
+        state = getattr(self.weighting, "state_dict", None)
+        return {"generator": self.generator.get_state(), "weighting": state() if state else {}}
 
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
+        if hasattr(self.weighting, "load_state_dict"):
+            self.weighting.load_state_dict(state["weighting"])
 
 
 def make_gradient_path(model, config) -> GradientPath:

@@ -28,17 +28,17 @@ Weighting = Callable[[torch.Tensor], torch.Tensor]
 # Every method by name: its one-line description (the --grad-method help) and its options.
 METHOD_HELP = {
     "sum": "plain sum of the task gradients",
-    "pcgrad": "PCGrad: project away conflicting components (Yu et al. 2020)",
+    "pcgrad": "project away conflicting components (Yu et al. 2020)",
     "main-aux": "PCGrad of the main task against aux_weight * sum of the others (Bi et al. 2022)",
-    "mgda": "MGDA: min-norm point of the gradients' convex hull, exact (Sener & Koltun 2018)",
-    "cagrad": "CAGrad: best worst-task improvement within c*|mean| of the mean (Liu et al. 2021)",
-    "imtl-g": "IMTL-G: equal projection onto every task's unit gradient (Liu et al. 2021)",
-    "aligned-mtl": "Aligned-MTL: whitened, equal-norm gradient components (Senushkin et al. 2023)",
-    "upgrad": "UPGrad: each gradient projected onto the dual cone, summed (Quinton & Rey 2024)",
-    "dualproj": "DualProj: the mean projected onto the dual cone (Quinton & Rey 2024)",
-    "nash-mtl": "Nash-MTL: Nash bargaining solution alpha*(G alpha) = 1 (Navon et al. 2022)",
-    "fairgrad": "FairGrad: alpha-fair rates of improvement, G w = w^(-1/alpha) (Ban & Ji 2024)",
-    "gradvac": "GradVac: raise pairwise cosines to their EMA targets (Wang et al. 2021)",
+    "mgda": "min-norm point of the gradients' convex hull, exact (Sener & Koltun 2018)",
+    "cagrad": "best worst-task improvement within c*|mean| of the mean (Liu et al. 2021)",
+    "imtl-g": "equal projection onto every task's unit gradient (Liu et al. 2021)",
+    "aligned-mtl": "whitened, equal-norm gradient components (Senushkin et al. 2023)",
+    "upgrad": "each gradient projected onto the dual cone, summed (Quinton & Rey 2024)",
+    "dualproj": "the mean projected onto the dual cone (Quinton & Rey 2024)",
+    "nash-mtl": "Nash bargaining solution alpha*(G alpha) = 1 (Navon et al. 2022)",
+    "fairgrad": "alpha-fair rates of improvement, G w = w^(-1/alpha) (Ban & Ji 2024)",
+    "gradvac": "raise pairwise cosines to their EMA targets (Wang et al. 2021)",
 }
 METHODS = tuple(METHOD_HELP)
 METHOD_OPTIONS = {
@@ -63,6 +63,16 @@ class GradientCombination:
         gram = self.gram[segment]
         norms = gram.diagonal().clamp_min(0).sqrt()
         return gram / (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def gradient_cosines(grads: torch.Tensor, boundaries: Optional[Sequence[int]] = None,
+                     combination: Optional[GradientCombination] = None) -> torch.Tensor:
+    """[K, K] cosine similarities of the task gradients on the first segment (the shared one), from
+    ``combination``'s Gram when it has one, else from a Gram pass over ``grads``."""
+    if combination is None or combination.gram is None:
+        combination = GradientCombination(_ops.gradient_gram(grads, [0, grads.shape[1]] if boundaries is None
+                                                             else list(boundaries)).cpu(), torch.empty(0))
+    return combination.cosine(0)
 
 
 def sum_weights(gram: torch.Tensor) -> torch.Tensor:
