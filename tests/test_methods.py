@@ -9,6 +9,7 @@ or to 1e-3 of the largest task gradient when the reference is smaller (an update
 exactly has no relative error)."""
 import io
 import math
+import struct
 import warnings
 
 import numpy as np
@@ -354,6 +355,9 @@ def test_every_method_trains_and_logs_weights_and_cosines(tiny_model_dir, toy_da
         assert all(math.isfinite(w) for w in record["grad_weights"].values())
         assert set(record["grad_cosines"]) == {"sst/para", "sst/sts", "para/sts"}
         assert all(-1 - 1e-9 <= c <= 1 + 1e-9 for c in record["grad_cosines"].values())
+    # mtbert-plot adds a row of panels (weights, cosines): 2 x 4 inches at 120 dpi.
+    width, height = struct.unpack(">II", (tmp_path / "metrics.png").read_bytes()[16:24])
+    assert (width, height) == (1320, 960)
 
 
 def test_gradvac_resume_after_kill_is_bit_exact(tiny_model_dir, toy_data, tmp_path):
