@@ -26,6 +26,7 @@ from torchjd import aggregation as jd  # noqa: E402
 from mtbert.multitask.checkpoint import load_checkpoint  # noqa: E402
 from mtbert.multitask.trainer import Trainer  # noqa: E402
 from mtbert.optim import GradVac, NashMTL, combine_gradients, make_weighting, pcgrad_orders  # noqa: E402
+from mtbert.optim.loss_weighting import LOSS_WEIGHTINGS, make_loss_weighting  # noqa: E402
 
 P = 61  # columns: prime, so no vector or alignment boundary lines up
 KINDS = ["random", "conflicting", "aligned", "rank-deficient", "zero-row"]
@@ -340,7 +341,7 @@ def test_state_round_trip_is_bit_exact(make):
 
 # -- training from the command-line config ------------------------------------------------------
 
-@pytest.mark.parametrize("method", NAMED)
+@pytest.mark.parametrize("method", NAMED + list(LOSS_WEIGHTINGS))
 def test_every_method_trains_and_logs_weights_and_cosines(tiny_model_dir, toy_data, tmp_path, method):
     from test_train import _config, _records
 
@@ -385,3 +386,75 @@ def test_gradvac_resume_after_kill_is_bit_exact(tiny_model_dir, toy_data, tmp_pa
     final_resumed = load_checkpoint(killed / "last.pt")["model"]
     for name, value in final_reference.items():
         assert torch.equal(value, final_resumed[name]), name
+
+
+# -- loss-level weightings ----------------------------------------------------------------------
+
+def _loss_sequence(steps=6, K=3):
+    generator = torch.Generator().manual_seed(8)
+    return [torch.rand(K, generator=generator, dtype=torch.float64) * 2 + 0.1 for _ in range(steps)]
+
+
+def test_uncertainty_weighting_follows_the_autograd_of_its_loss():
+    """LibMTL's loss sum_k L_k / (2 exp(s_k)) + s_k / 2, differentiated by autograd, Adam on s."""
+    weighting = make_loss_weighting("uncertainty", 3)
+    s = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    adam = torch.optim.Adam([s], lr=1e-3)
+    for losses in _loss_sequence():
+        task_losses = losses.clone().requires_grad_()
+        total = (task_losses / (2 * s.exp()) + s / 2).sum()
+        adam.zero_grad()
+        total.backward()
+        expected = task_losses.grad.clone()  # d total / d L_k: the weight of task k's gradient
+        adam.step()
+        torch.testing.assert_close(weighting.weights(losses), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(weighting.log_variances.detach(), s.detach(), rtol=1e-12, atol=0)
+
+
+def test_famo_follows_the_authors_update():
+    """FAMO's code: loss = sum_k log(L_k + 1e-8) z_k / c; then the logits step along
+    d softmax(w) / dw^T delta with delta = log L(before) - log L(after)."""
+    weighting = make_loss_weighting("famo", 3)
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    adam = torch.optim.Adam([w], lr=0.025, weight_decay=1e-3)
+    previous = None
+    for losses in _loss_sequence():
+        if previous is not None:
+            delta = (previous + 1e-8).log() - (losses + 1e-8).log()
+            adam.zero_grad()
+            w.grad = torch.autograd.grad(torch.softmax(w, -1), w, grad_outputs=delta)[0]
+            adam.step()
+        previous = losses
+        task_losses = losses.clone().requires_grad_()
+        z = torch.softmax(w.detach(), -1)
+        c = (z / (task_losses.detach() + 1e-8)).sum()
+        ((task_losses + 1e-8).log() * z / c).sum().backward()
+        torch.testing.assert_close(weighting.weights(losses), task_losses.grad, rtol=1e-12, atol=0)
+
+
+def test_dwa_and_rlw():
+    dwa = make_loss_weighting("dwa", 2, period=2)
+    sequence = [torch.tensor(v, dtype=torch.float64) for v in ([4.0, 2.0], [4.0, 2.0], [2.0, 2.0], [2.0, 2.0])]
+    assert all(torch.equal(dwa.weights(losses), torch.ones(2, dtype=torch.float64)) for losses in sequence)
+    ratios = torch.tensor([0.5, 1.0], dtype=torch.float64)  # period means [4, 2] then [2, 2]
+    torch.testing.assert_close(dwa.weights(sequence[0]), 2 * torch.softmax(ratios / 2.0, 0))
+    rlw = make_loss_weighting("rlw", 3, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(rlw.weights(torch.ones(3)),
+                               torch.softmax(torch.randn(3, generator=torch.Generator().manual_seed(4),
+                                                         dtype=torch.float64), 0))
+
+
+@pytest.mark.parametrize("name", LOSS_WEIGHTINGS)
+def test_loss_weighting_state_round_trip_and_absent_tasks(name):
+    original = make_loss_weighting(name, 3, period=2, generator=torch.Generator().manual_seed(1))
+    sequence = _loss_sequence(8)
+    sequence[2][1] = math.nan  # a task without a batch this step (proportional sampling)
+    for losses in sequence[:4]:
+        assert torch.isfinite(original.weights(losses)).all()
+    buffer = io.BytesIO()
+    torch.save(original.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = make_loss_weighting(name, 3, period=2, generator=torch.Generator().manual_seed(99))
+    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    for losses in sequence[4:]:
+        assert torch.equal(original.weights(losses), resumed.weights(losses))

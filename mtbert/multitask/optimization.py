@@ -2,11 +2,14 @@
 one flat buffer; each task back-propagates into its own row of the [K, P] gradient buffer; the rows
 are combined (sum / PCGrad / main+aux / MGDA / ..., two passes in C++); ``FusedAdamW`` updates the buffer in
 one kernel per parameter group. The trainer sees only :class:`GradientPath`'s methods."""
+import math
+
 import torch
 
 from ..kernels import GradientSegments
 from ..optim import FlatParameters, FusedAdamW, make_weighting
 from ..optim.combine import gradient_cosines
+from ..optim.loss_weighting import LOSS_WEIGHTINGS, make_loss_weighting
 
 
 def decay_groups(parameters, weight_decay):
@@ -38,8 +41,14 @@ class GradientPath:
                    "nash-mtl": {"max_norm": config.nash_max_norm},
                    "gradvac": {"beta": config.gradvac_beta}}.get(config.grad_method, {})
         # Made once: a stateful method keeps its state from step to step.
-        self.weighting = make_weighting(config.grad_method, generator=self.generator, main=main,
-                                        aux_weight=config.aux_weight, **options)
+        if config.grad_method in LOSS_WEIGHTINGS:
+            self.weighting = None
+            self.loss_weighting = make_loss_weighting(config.grad_method, self.flat.num_tasks,
+                                                      period=config.log_every, generator=self.generator)
+        else:
+            self.loss_weighting = None
+            self.weighting = make_weighting(config.grad_method, generator=self.generator, main=main,
+                                            aux_weight=config.aux_weight, **options)
         self.last_combination = None
 
     def zero_grad(self):
@@ -74,9 +83,17 @@ class GradientPath:
         with self.flat.own_rows():
             loss.backward()
 
-    def step(self):
-        """Combines the rows into the update direction, then one AdamW step."""
-        self.last_combination = self.flat.combine(self.weighting)
+    def step(self, losses=None):
+        """Combines the rows into the update direction, then one AdamW step. ``losses``
+        ({task: loss} of this step) feed a loss-level weighting."""
+        weighting = self.weighting
+        if self.loss_weighting is not None:
+            values = torch.tensor([losses.get(task, math.nan) for task in self.flat.task_names], dtype=torch.float64)
+            weights = self.loss_weighting.weights(values)
+
+            def weighting(gram):
+                return weights
+        self.last_combination = self.flat.combine(weighting)
         self.optimizer.step()
 
     def record(self):
@@ -90,14 +107,17 @@ class GradientPath:
                 "grad_cosines": {f"{names[i]}/{names[j]}": cosines[i, j].item()
                                  for i in range(len(names)) for j in range(i + 1, len(names))}}
 
+    def _method(self):
+        return self.loss_weighting if self.loss_weighting is not None else self.weighting
+
     def state_dict(self):
-        state = getattr(self.weighting, "state_dict", None)
+        state = getattr(self._method(), "state_dict", None)
         return {"generator": self.generator.get_state(), "weighting": state() if state else {}}
 
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
-        if hasattr(self.weighting, "load_state_dict"):
-            self.weighting.load_state_dict(state["weighting"])
+        if hasattr(self._method(), "load_state_dict"):
+            self._method().load_state_dict(state["weighting"])
 
 
 def make_gradient_path(model, config) -> GradientPath:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..encode import POOLINGS
 from ..errors import CheckpointError, ConfigError, DataFileError, make_directory
 from ..optim import METHOD_HELP, METHODS
+from ..optim.loss_weighting import LOSS_WEIGHTING_HELP, LOSS_WEIGHTINGS
 from ..pretrained import DEFAULT_MODEL
 from ..tokenizer import Tokenizer
 from . import evaluate as evaluation
@@ -135,9 +136,10 @@ class TrainConfig:
                             help="fraction of all steps with a linear learning-rate warmup")
     schedule: str = setting("constant", group="optimization", choices=LR_SCHEDULES,
                             help="learning-rate schedule after warmup")
-    grad_method: str = setting("sum", group="optimization", choices=METHODS, metavar="METHOD",
+    grad_method: str = setting("sum", group="optimization", choices=METHODS + LOSS_WEIGHTINGS, metavar="METHOD",
                                help="how the task gradients combine: "
-                                    + "; ".join(f"{name}: {line}" for name, line in METHOD_HELP.items()))
+                                    + "; ".join(f"{name}: {line}"
+                                                for name, line in {**METHOD_HELP, **LOSS_WEIGHTING_HELP}.items()))
     cagrad_c: float = setting(0.4, group="optimization", help="c, CAGrad's radius relative to the mean gradient")
     fairgrad_alpha: float = setting(1.0, group="optimization", help="α of FairGrad's α-fairness (1: proportional)")
     nash_max_norm: float = setting(1.0, group="optimization",
@@ -177,7 +179,7 @@ class TrainConfig:
                 raise ConfigError(f"tasks must be among {TASKS}, got {task!r}")
         if not self.tasks:
             raise ConfigError("tasks must name at least one task")
-        checks = [("option", self.option, ("pretrain", "finetune")), ("grad_method", self.grad_method, METHODS),
+        checks = [("option", self.option, ("pretrain", "finetune")), ("grad_method", self.grad_method, METHODS + LOSS_WEIGHTINGS),
                   ("task_sampling", self.task_sampling, TASK_SAMPLINGS), ("schedule", self.schedule, LR_SCHEDULES),
                   ("main_task", self.main_task, TASKS), ("pooling", self.pooling, POOLINGS),
                   ("para_head", self.para_head, PAIR_HEADS), ("sts_head", self.sts_head, PAIR_HEADS),
@@ -527,7 +529,7 @@ class Trainer:
         if step_losses is None:
             self.gradients.zero_grad()
             return None, examples
-        self.gradients.step()
+        self.gradients.step(step_losses)
         self.scheduler.step()
         return step_losses, examples
 
