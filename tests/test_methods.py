@@ -27,31 +27,23 @@ from mtbert.multitask.checkpoint import load_checkpoint  # noqa: E402
 from mtbert.multitask.trainer import Trainer  # noqa: E402
 from mtbert.optim import GradVac, NashMTL, combine_gradients, make_weighting, pcgrad_orders  # noqa: E402
 from mtbert.optim.loss_weighting import LOSS_WEIGHTINGS, make_loss_weighting  # noqa: E402
+from test_pcgrad import SHARED, make_grads  # noqa: E402
 
-P = 61  # columns: prime, so no vector or alignment boundary lines up
-KINDS = ["random", "conflicting", "aligned", "rank-deficient", "zero-row"]
+P = SHARED
+# Our kinds -> test_pcgrad's: "rank-deficient" repeats a gradient (rescaled), "zero-row" zeroes the
+# first and last rows.
+PCGRAD_KINDS = {"random": "random", "conflicting": "conflicting", "aligned": "non-conflicting",
+                "rank-deficient": "duplicate", "zero-row": "zero"}
+KINDS = list(PCGRAD_KINDS)
 
 
 def make_jacobian(kind: str, K: int, seed: int) -> torch.Tensor:
-    """[K, P] float32 task gradients of the given kind."""
+    """[K, P] float32 task gradients of the given kind (test_pcgrad's shared columns), rescaled to
+    unequal sizes."""
     generator = torch.Generator().manual_seed(seed)
-    base = torch.randn(P, generator=generator)
-    noise = torch.randn(K, P, generator=generator)
-    scales = torch.rand(K, 1, generator=generator) * 3 + 0.1  # gradients of unequal sizes
-    if kind == "random":
-        rows = noise
-    elif kind == "conflicting":  # neighbours point against each other
-        rows = torch.stack([(-1) ** i * base for i in range(K)]) + 0.4 * noise
-    elif kind == "aligned":
-        rows = base + 0.2 * noise
-    elif kind == "rank-deficient":  # a repeated gradient: G singular
-        rows = noise.clone()
-        rows[-1] = rows[0]
-        scales[-1] = scales[0]
-    elif kind == "zero-row":  # a task without a loss this step
-        rows = noise.clone()
-        rows[0] = 0
-    return (scales * rows).contiguous()
+    grads = make_grads(PCGRAD_KINDS[kind], K, generator)[:, :SHARED]
+    scales = torch.rand(K, 1, generator=generator) * 3 + 0.1
+    return (scales * grads).contiguous()
 
 
 def mtbert_weights(J: torch.Tensor, method, **options) -> torch.Tensor:
@@ -66,7 +58,7 @@ def mtbert_weights(J: torch.Tensor, method, **options) -> torch.Tensor:
 
 def assert_same_update(mine: torch.Tensor, ref: torch.Tensor, J: torch.Tensor, rtol: float, what: str) -> None:
     assert torch.isfinite(mine).all(), f"{what}: non-finite update"
-    scale = max(ref.norm().item(), 1e-3 * J.double().norm(dim=1).max().item())
+    scale = max(ref.norm().item(), 1e-3 * J.double().norm(dim=1).max().item(), 1e-300)
     error = (mine - ref).norm().item() / scale
     assert error <= rtol, f"{what}: relative difference {error:.2e} > {rtol:.0e}"
 
@@ -118,8 +110,8 @@ def test_matches_torchjd_aggregator(method, options, reference, rtol, kind, K):
 
 def tight_nash_mtl(K):
     """TorchJD's Nash-MTL stops its sequence of convex problems once |G a - 1/a| < 1e-3 (in its
-    normalized Gram) or a moves by < 1e-6; tightened to 1e-12 and 100 problems."""
-    aggregator = jd.NashMTL(n_tasks=K, optim_niter=100)
+    normalized Gram) or a moves by < 1e-6; tightened to 1e-12 and 50 problems."""
+    aggregator = jd.NashMTL(n_tasks=K, optim_niter=50)
     weighting = aggregator.weighting
 
     def stop(gtg, alpha):
@@ -131,7 +123,7 @@ def tight_nash_mtl(K):
     return aggregator
 
 
-@pytest.mark.parametrize("K", [2, 3, 5, 8])
+@pytest.mark.parametrize("K", [2, 3, 5])
 @pytest.mark.parametrize("kind", ["random", "conflicting", "aligned"])
 def test_nash_mtl_matches_torchjd_aggregator(kind, K):
     """Where TorchJD's sequence of convex problems reaches the bargaining solution
@@ -149,9 +141,9 @@ def test_nash_mtl_matches_torchjd_aggregator(kind, K):
     G = J.double() @ J.double().T
     if (alpha * (G @ alpha) - 1).abs().max() < 1e-6:
         assert_same_update(weights @ J.double(), ref, J, 1e-4, f"nash-mtl {kind} K={K}")
-    else:
-        assert kind == "conflicting", f"TorchJD's Nash-MTL missed the solution on {kind} K={K}"
-
+    else:  # TorchJD stopped short: mtbert's answer must be the solution
+        ours = mtbert_weights(J, "nash-mtl", max_norm=0.0)
+        assert (ours * (G @ ours) - 1).abs().max() <= 1e-8
 
 @pytest.mark.parametrize("K", [2, 3, 5, 7, 10])
 @pytest.mark.parametrize("kind", KINDS)
