@@ -36,11 +36,15 @@ class GradientPath:
         self.flat = FlatParameters(shared=groups["shared"], tasks={t: groups[t] for t in config.tasks})
         self.optimizer = FusedAdamW(decay_groups(self.flat.parameters(), config.weight_decay), lr=config.lr)
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.use_method(config)
+
+    def use_method(self, config):
+        """Builds the combination method of ``config`` (``grad_method`` and its parameters), with a
+        fresh state. Made once per run: a stateful method keeps its state from step to step."""
         main = self.flat.task_index(config.main_task) if config.grad_method == "main-aux" else 0
         options = {"cagrad": {"c": config.cagrad_c}, "fairgrad": {"alpha": config.fairgrad_alpha},
                    "nash-mtl": {"max_norm": config.nash_max_norm},
                    "gradvac": {"beta": config.gradvac_beta}}.get(config.grad_method, {})
-        # Made once: a stateful method keeps its state from step to step.
         if config.grad_method in LOSS_WEIGHTINGS:
             self.weighting = None
             self.loss_weighting = make_loss_weighting(config.grad_method, self.flat.num_tasks,
