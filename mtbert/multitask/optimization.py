@@ -54,6 +54,7 @@ class GradientPath:
             self.weighting = make_weighting(config.grad_method, generator=self.generator, main=main,
                                             aux_weight=config.aux_weight, **options)
         self.last_combination = None
+        self.losses = {}
 
     def zero_grad(self):
         self.optimizer.zero_grad()
@@ -87,12 +88,17 @@ class GradientPath:
         with self.flat.own_rows():
             loss.backward()
 
-    def step(self, losses=None):
-        """Combines the rows into the update direction, then one AdamW step. ``losses``
-        ({task: loss} of this step) feed a loss-level weighting."""
+    def observe_losses(self, losses):
+        """The step's {task: loss}, which a loss-level weighting reads in :meth:`step` (a task
+        without a batch this step counts as absent)."""
+        self.losses = losses
+
+    def step(self):
+        """Combines the rows into the update direction, then one AdamW step."""
         weighting = self.weighting
         if self.loss_weighting is not None:
-            values = torch.tensor([losses.get(task, math.nan) for task in self.flat.task_names], dtype=torch.float64)
+            values = torch.tensor([self.losses.get(task, math.nan) for task in self.flat.task_names],
+                                  dtype=torch.float64)
             weights = self.loss_weighting.weights(values)
 
             def weighting(gram):

@@ -529,7 +529,8 @@ class Trainer:
         if step_losses is None:
             self.gradients.zero_grad()
             return None, examples
-        self.gradients.step(step_losses)
+        self.gradients.observe_losses(step_losses)
+        self.gradients.step()
         self.scheduler.step()
         return step_losses, examples
 
