@@ -1,5 +1,6 @@
 """The multitask training loop: one batch per task per step, per-task gradients combined by
-sum / PCGrad / main+aux, an AdamW step, dev evaluation each epoch, atomic checkpoints, exact resume."""
+sum / PCGrad / main+aux / MGDA / ... (``mtbert.optim``), an AdamW step, dev evaluation each epoch,
+atomic checkpoints, exact resume."""
 import dataclasses
 import json
 import logging

@@ -62,6 +62,7 @@ def min_norm_simplex(gram: torch.Tensor) -> torch.Tensor:
     s = 1 / (1 + w^T G w) and a value increasing in w^T G w, so x / sum(x) is the min-norm point:
     one NNLS on A = G + 1 1^T, b = 1, with G scaled to unit trace (the point does not depend on
     the scale)."""
+    gram = gram.to(torch.float64)
     K = gram.shape[0]
     trace = gram.diagonal().sum()
     scaled = gram / trace if trace > 0 else gram
@@ -74,6 +75,7 @@ def min_norm_simplex(gram: torch.Tensor) -> torch.Tensor:
 
 def mean_weights(gram: torch.Tensor) -> torch.Tensor:
     """w = 1/K."""
+    gram = gram.to(torch.float64)
     K = gram.shape[0]
     return torch.full((K,), 1.0 / K, dtype=torch.float64)
 
@@ -82,6 +84,7 @@ def imtl_g_weights(gram: torch.Tensor) -> torch.Tensor:
     """IMTL-G (Liu et al. 2021, "Towards Impartial Multi-task Learning"), in TorchJD's
     generalization to dependent rows: v = pinv(G) sqrt(diag G), w = v / sum(v) (w = 0 when
     |sum v| < 1e-12). The update has equal projections onto every task's unit gradient."""
+    gram = gram.to(torch.float64)
     v = torch.linalg.pinv(gram) @ gram.diagonal().clamp_min(0).sqrt()
     total = v.sum()
     return torch.zeros_like(v) if total.abs() < 1e-12 else v / total
@@ -95,6 +98,7 @@ def aligned_mtl_weights(gram: torch.Tensor, scale_mode: str = "min") -> torch.Te
     over the eigenvalues above λ_max K eps; B = sqrt(σ) V diag(λ)^(-1/2) V^T with σ the smallest
     ("min"), median or mean ("rmse") kept eigenvalue; w = B 1/K (the rows whitened into
     orthogonal, equal-norm components, then averaged). G = 0 gives w = 1/K."""
+    gram = gram.to(torch.float64)
     if scale_mode not in ALIGNED_MTL_SCALES:
         raise ValueError(f"aligned-mtl: scale_mode must be one of {ALIGNED_MTL_SCALES}, got {scale_mode!r}")
     K = gram.shape[0]
@@ -127,6 +131,7 @@ def dual_cone_weights(gram: torch.Tensor, u: torch.Tensor, norm_eps: float = 1e-
     argmin_{v >= u} v^T A v (Quinton & Rey 2024, Proposition 1), with A = G / trace(G) + reg_eps I
     as TorchJD's quadprog projector regularizes it. With v = u + x: an NNLS in x >= 0 (A x = -A u
     on the free set), solved exactly."""
+    gram = gram.to(torch.float64)
     K = gram.shape[0]
     A = _normalized(gram, norm_eps) + reg_eps * torch.eye(K, dtype=torch.float64)
     return u + nnls_gram(A, -(A @ u))
@@ -136,6 +141,7 @@ def upgrad_weights(gram: torch.Tensor, norm_eps: float = 1e-4, reg_eps: float = 
     """UPGrad (Quinton & Rey 2024): each row g_i / K projected onto the dual cone of the rows,
     then summed; w = sum_i v_i with v_i = argmin_{v >= e_i / K} v^T A v (see
     :func:`dual_cone_weights` for A, TorchJD's normalization and regularization)."""
+    gram = gram.to(torch.float64)
     K = gram.shape[0]
     return sum(dual_cone_weights(gram, row, norm_eps, reg_eps) for row in torch.eye(K, dtype=torch.float64) / K)
 
@@ -143,6 +149,7 @@ def upgrad_weights(gram: torch.Tensor, norm_eps: float = 1e-4, reg_eps: float = 
 def dualproj_weights(gram: torch.Tensor, norm_eps: float = 1e-4, reg_eps: float = 1e-4) -> torch.Tensor:
     """DualProj (Quinton & Rey 2024, after GEM, Lopez-Paz & Ranzato 2017): the mean gradient
     projected onto the dual cone of the rows; w = argmin_{v >= 1/K} v^T A v."""
+    gram = gram.to(torch.float64)
     return dual_cone_weights(gram, mean_weights(gram), norm_eps, reg_eps)
 
 
@@ -152,6 +159,7 @@ def mgda_weights(gram: torch.Tensor) -> torch.Tensor:
     """MGDA (Désidéri 2012; Sener & Koltun 2018): the min-norm point of the convex hull of the task
     gradients, w = argmin_{w in simplex} w^T G w, solved exactly (:func:`min_norm_simplex`)
     instead of by Frank-Wolfe."""
+    gram = gram.to(torch.float64)
     return min_norm_simplex(gram)
 
 
@@ -165,6 +173,7 @@ def cagrad_weights(gram: torch.Tensor, c: float = 0.4, norm_eps: float = 1e-4) -
     Solved exactly: for a fixed n > 0 the problem with |g_w| replaced by (|g_w|^2 + n^2) / (2n)
     is the min-norm point of the shifted gradients g_i + g0 n / s; its optimum has |g_w| = n
     exactly at the solution, found by a bracketed root search on n."""
+    gram = gram.to(torch.float64)
     if c < 0:
         raise ValueError(f"cagrad: c must be >= 0, got {c}")
     K = gram.shape[0]
@@ -280,6 +289,7 @@ def fairgrad_weights(gram: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     the tasks' rates of improvement), solved by Newton to machine precision (TorchJD uses scipy's
     least_squares from w = 1/K). alpha = 0 gives 1/K. Zero rows get 0; if the gradients cancel
     (no solution) the weights are 0."""
+    gram = gram.to(torch.float64)
     if alpha < 0:
         raise ValueError(f"fairgrad: alpha must be >= 0, got {alpha}")
     if alpha == 0:
@@ -345,6 +355,7 @@ class GradVac(GramWeighting):
         self.targets: Optional[torch.Tensor] = None
 
     def __call__(self, gram: torch.Tensor, orders: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
+        gram = gram.to(torch.float64)
         K = gram.shape[0]
         if self.targets is None or self.targets.shape != (K, K):
             self.targets = torch.zeros(K, K, dtype=torch.float64)
@@ -392,6 +403,7 @@ class NashMTL(GramWeighting):
         self.previous: Optional[torch.Tensor] = None
 
     def __call__(self, gram: torch.Tensor) -> torch.Tensor:
+        gram = gram.to(torch.float64)
         keep = ~_zero_rows(gram)
 
         def solve(G):
