@@ -172,7 +172,8 @@ def cagrad_weights(gram: torch.Tensor, c: float = 0.4, norm_eps: float = 1e-4) -
 
     Solved exactly: for a fixed n > 0 the problem with |g_w| replaced by (|g_w|^2 + n^2) / (2n)
     is the min-norm point of the shifted gradients g_i + g0 n / s; its optimum has |g_w| = n
-    exactly at the solution, found by a bracketed root search on n."""
+    exactly at the solution, found by a bracketed root search on n, and finished in closed form
+    once the support of w* is known."""
     gram = gram.to(torch.float64)
     if c < 0:
         raise ValueError(f"cagrad: c must be >= 0, got {c}")
@@ -196,11 +197,42 @@ def cagrad_weights(gram: torch.Tensor, c: float = 0.4, norm_eps: float = 1e-4) -
         w, norm = solution(n)
         return (norm - n).item(), w, norm
 
+    def on_support(w):
+        """The exact solution if it has the support of ``w``, else None. On the support S the
+        optimality conditions a_S + (s / n) G_SS w_S = mu 1, sum w_S = 1, n^2 = w^T G w give
+        w_S = (mu u - v) / (mu 1.u - 1.v) with u = G_SS^-1 1, v = G_SS^-1 a_S, and
+        mu^2 1.u - 2 mu 1.v + a_S.v = s^2; the conditions off S are then checked."""
+        support = w > 0
+        try:
+            u, v = torch.linalg.solve(G[support][:, support],
+                                      torch.stack([ones[support], g0_dots[support]], 1)).unbind(1)
+        except RuntimeError:  # a singular G_SS: leave it to the root search
+            return None
+        alpha, beta, gamma = u.sum(), v.sum(), g0_dots[support] @ v
+        discriminant = beta ** 2 - alpha * (gamma - s ** 2)
+        if not (alpha > 0 and discriminant >= 0):
+            return None
+        mu = (beta + discriminant.sqrt()) / alpha
+        if not mu * alpha - beta > 0:
+            return None
+        exact = torch.zeros(K, dtype=torch.float64)
+        exact[support] = (mu * u - v) / (mu * alpha - beta)
+        norm = (exact @ G @ exact).clamp_min(0).sqrt()
+        if (exact < 0).any() or not norm > 0:
+            return None
+        slopes = g0_dots + (s / norm) * (G @ exact)  # the objective's gradient: >= mu, = mu on S
+        if (slopes < exact @ slopes - 1e-12 * slopes.abs().max()).any():
+            return None
+        return exact, norm
+
     high = G.diagonal().clamp_min(0).sqrt().max().item()  # |g_w| <= max_i |g_i| on the simplex
     low = (lambda w: (w @ G @ w).clamp_min(0).sqrt().item())(min_norm_simplex(G))  # |g_w| >= min-norm
     f_low, w, norm = excess(low) if low > 0 else (math.inf, None, None)
     f_high, w_high, norm_high = excess(high)
-    if f_high >= 0:  # all gradients equal in norm along the solution: n = max norm
+    exact = on_support(w_high)
+    if exact is not None:
+        w, norm = exact
+    elif f_high >= 0:  # all gradients equal in norm along the solution: n = max norm
         w, norm = w_high, norm_high
     elif f_low > 0:
         # Illinois regula falsi on excess(n) = |g_w(n)| - n, which is decreasing in n.
@@ -212,6 +244,10 @@ def cagrad_weights(gram: torch.Tensor, c: float = 0.4, norm_eps: float = 1e-4) -
             if not low < n < high:
                 n = 0.5 * (low + high)
             f_n, w, norm = excess(n)
+            exact = on_support(w)
+            if exact is not None:
+                w, norm = exact
+                break
             if f_n == 0:
                 break
             if f_n > 0:
