@@ -180,7 +180,8 @@ class TrainConfig:
                 raise ConfigError(f"tasks must be among {TASKS}, got {task!r}")
         if not self.tasks:
             raise ConfigError("tasks must name at least one task")
-        checks = [("option", self.option, ("pretrain", "finetune")), ("grad_method", self.grad_method, METHODS + LOSS_WEIGHTINGS),
+        checks = [("option", self.option, ("pretrain", "finetune")),
+                  ("grad_method", self.grad_method, METHODS + LOSS_WEIGHTINGS),
                   ("task_sampling", self.task_sampling, TASK_SAMPLINGS), ("schedule", self.schedule, LR_SCHEDULES),
                   ("main_task", self.main_task, TASKS), ("pooling", self.pooling, POOLINGS),
                   ("para_head", self.para_head, PAIR_HEADS), ("sts_head", self.sts_head, PAIR_HEADS),

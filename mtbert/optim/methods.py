@@ -126,7 +126,8 @@ def _normalized(gram: torch.Tensor, norm_eps: float) -> torch.Tensor:
     return torch.zeros_like(gram) if trace < norm_eps else gram / trace
 
 
-def dual_cone_weights(gram: torch.Tensor, u: torch.Tensor, norm_eps: float = 1e-4, reg_eps: float = 1e-4) -> torch.Tensor:
+def dual_cone_weights(gram: torch.Tensor, u: torch.Tensor, norm_eps: float = 1e-4,
+                      reg_eps: float = 1e-4) -> torch.Tensor:
     """The weights v of the projection of J^T u onto the dual cone {d : J d >= 0} of the rows:
     argmin_{v >= u} v^T A v (Quinton & Rey 2024, Proposition 1), with A = G / trace(G) + reg_eps I
     as TorchJD's quadprog projector regularizes it. With v = u + x: an NNLS in x >= 0 (A x = -A u
