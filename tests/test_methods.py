@@ -472,3 +472,18 @@ def test_loss_weighting_state_round_trip_and_absent_tasks(name):
     resumed.load_state_dict(torch.load(buffer, weights_only=False))
     for losses in sequence[4:]:
         assert torch.equal(original.weights(losses), resumed.weights(losses))
+
+
+def test_torchjd_norm_threshold_and_scale_invariance_without_it():
+    """TorchJD's absolute threshold: squared norms summing below norm_eps = 1e-4 make UPGrad the
+    mean and CAGrad 0; with norm_eps=0 both weightings are scale-invariant."""
+    J = make_jacobian("conflicting", 3, seed=2).double()
+    tiny = J * 1e-4
+    G, G_tiny = J @ J.T, tiny @ tiny.T
+    assert torch.equal(make_weighting("upgrad")(G_tiny), torch.full((3,), 1 / 3, dtype=torch.float64))
+    assert not make_weighting("cagrad")(G_tiny).any()
+    for method in ("upgrad", "dualproj", "cagrad"):
+        torch.testing.assert_close(make_weighting(method, norm_eps=0.0)(G_tiny), make_weighting(method)(G),
+                                   rtol=1e-9, atol=1e-12)
+    # A float32 Gram is accepted (and computed in float64).
+    torch.testing.assert_close(make_weighting("mgda")(G.float()), make_weighting("mgda")(G), rtol=1e-5, atol=1e-7)
