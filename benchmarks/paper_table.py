@@ -11,6 +11,14 @@ next to the table), so ``--rows`` can add or redo single rows (``--rows ''`` onl
     python benchmarks/paper_table.py --steps 120                     # every row
     python benchmarks/paper_table.py --rows sbert,pcgrad --steps 120
     python benchmarks/paper_table.py --list
+    python benchmarks/paper_table.py --rows pcgrad,mgda,upgrad --validation 1000 --spread-seeds 2
+
+The gradient-combination method rows (``mgda`` ... ``famo``: the ``pcgrad`` row's setup with another
+``--grad-method``) are meant to be scored with ``--validation N``: N records per task carved from
+the training files (seeded, the same split for every row and seed) replace the dev sets, so that
+choosing a method does not tune on dev. ``--spread-seeds S`` reruns the ``pcgrad`` row with S
+more seeds and prints the seed-to-seed spread, so that differences between rows can be told from
+noise.
 
 Runs on one thread by default (``--threads``): on a shared machine competing thread pools made
 training steps ~30× slower.
@@ -18,7 +26,9 @@ training steps ~30× slower.
 import argparse
 import json
 import os
+import random
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -57,7 +67,15 @@ ROWS = [
      FINETUNE_LR + ["--para-head", "cross", "--sts-head", "cosine", "--sts-loss", "cosine-mse",
                     "--grad-method", "pcgrad"]),
 ]
+# The gradient-combination methods of issue 14 on the pcgrad row's setup (SBERT heads, STS CE).
+METHOD_ROWS = ("mgda", "cagrad", "imtl-g", "aligned-mtl", "upgrad", "dualproj", "nash-mtl", "fairgrad", "gradvac",
+               "uncertainty", "dwa", "rlw", "famo")
+ROWS += [(method, f"SBERT heads, STS CE, --grad-method {method}",
+          FINETUNE_LR + ["--para-head", "sbert", "--sts-head", "sbert", "--sts-loss", "ce", "--grad-method", method])
+         for method in METHOD_ROWS]
 ROW_NAMES = [name for name, _, _ in ROWS]
+# The validation split is the same for every row and seed.
+VALIDATION_SEED = 0
 
 
 def train_argv(flags, data, out, steps, batch_size, seed, max_dev_examples=None):
@@ -68,6 +86,29 @@ def train_argv(flags, data, out, steps, batch_size, seed, max_dev_examples=None)
     if max_dev_examples:
         argv += ["--max-dev-examples", str(max_dev_examples)]
     return argv
+
+
+def carve_validation(data, directory, examples):
+    """Splits each task's training file (one record per line, as the CS224N files are) into
+    ``directory/{task}-train.csv`` and ``{task}-validation.csv`` (``examples`` seeded random
+    records); returns the ``mtbert.train`` flags that train on the first and score on the second."""
+    from mtbert.multitask.data import DEFAULT_FILES, TASKS
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    flags = []
+    for task in TASKS:
+        source = Path(data) / DEFAULT_FILES[(task, "train")]
+        header, *records = source.read_text(encoding="utf-8").splitlines(keepends=True)
+        if not 0 < examples < len(records):
+            raise SystemExit(f"--validation {examples}: {source} has {len(records)} records")
+        chosen = set(random.Random(f"{VALIDATION_SEED}-{task}").sample(range(len(records)), examples))
+        paths = {split: directory / f"{task}-{split}.csv" for split in ("train", "validation")}
+        for split, keep in (("train", False), ("validation", True)):
+            paths[split].write_text(header + "".join(r for i, r in enumerate(records) if (i in chosen) == keep),
+                                    encoding="utf-8")
+        flags += [f"--{task}_train", str(paths["train"]), f"--{task}_dev", str(paths["validation"])]
+    return flags
 
 
 def final_record(out):
@@ -100,20 +141,35 @@ def render(results, header) -> str:
     from mtbert.multitask.paper import PAPER_DEV
 
     lines = [header, "",
-             "| row | configuration | steps | SST acc | Quora acc | STS Pearson | overall | wall time |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| row | configuration | steps | SST acc | Quora acc | STS Pearson | overall | wall time | scored on |",
+             "|---|---|---|---|---|---|---|---|---|"]
     order = {name: i for i, name in enumerate(ROW_NAMES)}
-    ranked = sorted(results.values(), key=lambda r: (order.get(r["row"], len(order)), r["row"]))
+    ranked = sorted(results.values(), key=lambda r: (order.get(r["row"].split("@")[0], len(order)), r["row"]))
     for r in ranked:
         s = r["scores"]
         lines.append(f"| {r['row']} | {r['description'].replace('|', chr(92) + '|')} | {r['steps']} | {s['sst_acc']:.3f} | {s['para_acc']:.3f} "
-                     f"| {s['sts_pearson']:.3f} | {s['overall']:.3f} | {r['wall_s'] / 60:.1f} min |")
+                     f"| {s['sts_pearson']:.3f} | {s['overall']:.3f} | {r['wall_s'] / 60:.1f} min "
+                     f"| {r.get('scored_on', 'dev')} |")
     p = PAPER_DEV
     lines.append(f"| paper | BERT-base, GPU, full data (reported) | – | {p['sst_acc']:.3f} | {p['para_acc']:.3f} "
-                 f"| {p['sts_pearson']:.3f} | {p['overall']:.3f} | – |")
+                 f"| {p['sts_pearson']:.3f} | {p['overall']:.3f} | – | dev |")
+    lines += seed_spread(results)
     lines += ["", "Commands (`python -m mtbert.train ...`, run with OMP_NUM_THREADS=1):", ""]
     lines += [f"- {r['row']}: `{' '.join(map(_relative, r['argv']))}`" for r in ranked]
     return "\n".join(lines) + "\n"
+
+
+def seed_spread(results):
+    """Lines stating the spread of the ``pcgrad`` row over its seeds (``pcgrad`` and ``pcgrad@SEED``
+    results scored on the same set), or nothing when it ran with one seed."""
+    runs = [r for r in results.values() if r["row"].split("@")[0] == "pcgrad"]
+    for scored_on in sorted({r.get("scored_on", "dev") for r in runs}):
+        overall = [r["scores"]["overall"] for r in runs if r.get("scored_on", "dev") == scored_on]
+        if len(overall) > 1:
+            return ["", f"Seed-to-seed spread of the pcgrad row ({len(overall)} seeds, {scored_on}): overall "
+                        f"{min(overall):.3f}–{max(overall):.3f}, standard deviation {statistics.stdev(overall):.3f}; "
+                        "a difference between rows smaller than this is noise."]
+    return []
 
 
 def build_parser():
@@ -125,6 +181,10 @@ def build_parser():
     parser.add_argument("--data", default=os.environ.get("MTBERT_DATA", str(REPO.parent / "shared" / "data")),
                         help="CS224N data directory (default: $MTBERT_DATA or ../shared/data)")
     parser.add_argument("--max-dev-examples", type=int, help="evaluate on at most N dev examples per task")
+    parser.add_argument("--validation", type=int, default=0, metavar="N",
+                        help="score on N records per task carved from the training files instead of dev")
+    parser.add_argument("--spread-seeds", type=int, default=0, metavar="S",
+                        help="also run the pcgrad row with S more seeds (seed + 1 ...) and print the spread")
     parser.add_argument("--seed", type=int, default=11711, help="(default: %(default)s)")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "paper_table.md"),
                         help="markdown table (default: %(default)s); results also go to the same name .json")
@@ -167,11 +227,18 @@ def main(argv=None):
     flags_of = {name: (description, flags) for name, description, flags in ROWS}
     if results:  # `--rows ''` just re-renders the table from the stored results
         write_atomically(output, render(results, header))
-    for name in rows:
+    validation_flags = carve_validation(args.data, Path(args.runs) / "_validation", args.validation) \
+        if args.validation else []
+    scored_on = f"validation ({args.validation}/task)" if args.validation else "dev"
+    runs = [(name, args.seed) for name in rows]
+    runs += [("pcgrad", args.seed + k) for k in range(1, args.spread_seeds + 1)]
+    for name, seed in runs:
         description, flags = flags_of[name]
-        out = Path(args.runs) / name
-        argv_row = train_argv(flags, args.data, out, args.steps, args.batch_size, args.seed, args.max_dev_examples)
-        print(f"== {name}: python -m mtbert.train {' '.join(argv_row)}", flush=True)
+        key = name if seed == args.seed else f"{name}@{seed}"
+        out = Path(args.runs) / key
+        argv_row = train_argv(flags, args.data, out, args.steps, args.batch_size, seed, args.max_dev_examples)
+        argv_row += validation_flags
+        print(f"== {key}: python -m mtbert.train {' '.join(argv_row)}", flush=True)
         started = time.perf_counter()
         if out.exists():
             shutil.rmtree(out)  # a fresh run, never a resumed or appended one
@@ -179,13 +246,13 @@ def main(argv=None):
         wall = time.perf_counter() - started
         final = final_record(out)
         scores = {k: final[k] for k in ("sst_acc", "para_acc", "sts_pearson", "sts_spearman", "overall")}
-        row = {"row": name, "description": description, "argv": argv_row, "steps": final["step"],
-               "wall_s": wall, "scores": scores}
-        results = {**load_results(store), name: row}  # re-read: another invocation may have added rows
+        row = {"row": key, "description": description, "argv": argv_row, "steps": final["step"],
+               "wall_s": wall, "scores": scores, "scored_on": scored_on}
+        results = {**load_results(store), key: row}  # re-read: another invocation may have added rows
         output.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(store, json.dumps(results, indent=1) + "\n")
         write_atomically(output, render(results, header))
-        print(f"== {name}: {wall / 60:.1f} min, {scores}", flush=True)
+        print(f"== {key}: {wall / 60:.1f} min, {scores}", flush=True)
     if output.is_file():
         print(output.read_text())
     return 0
