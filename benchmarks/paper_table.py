@@ -222,7 +222,9 @@ def main(argv=None):
               "number of optimizer steps (one batch of 16 per task per step, seeded training subsets), one "
               "epoch with linear decay and 10% warm-up, dropout 0.1, on a 2-core CPU shared with other jobs "
               "(one torch thread); wall time includes loading and dev evaluation. Dev scores are on the full dev sets, or on a "
-              "seeded subset of N examples per task where the row's command says `--max-dev-examples N`. These runs are far shorter "
+              "seeded subset of N examples per task where the row's command says `--max-dev-examples N`; rows whose "
+              "'scored on' says validation are scored on records carved from the training files (and trained on the "
+              "rest) instead. These runs are far shorter "
               "than the paper's (BERT-base, GPU, several epochs on all data), so compare rows with each other.")
     flags_of = {name: (description, flags) for name, description, flags in ROWS}
     if results:  # `--rows ''` just re-renders the table from the stored results
