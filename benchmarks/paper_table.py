@@ -13,6 +13,13 @@ next to the table), so ``--rows`` can add or redo single rows (``--rows ''`` onl
     python benchmarks/paper_table.py --steps 120                     # every row
     python benchmarks/paper_table.py --rows sbert,pcgrad --steps 120
     python benchmarks/paper_table.py --list
+    python benchmarks/paper_table.py --rows pcgrad,mgda,upgrad --spread-seeds 2
+
+The gradient-combination method rows (``mgda`` ... ``famo``) are the ``pcgrad`` row's setup with
+another ``--grad-method``; choose among them on the validation column, never on dev.
+``--spread-seeds S`` reruns the ``pcgrad`` row with S more seeds (the same validation rows) and
+prints the seed-to-seed spread of its validation score, so that differences between rows can be
+told from noise.
 
 Runs on one thread by default (``--threads``): on a shared machine competing thread pools made
 training steps ~30× slower.
@@ -21,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -66,6 +74,12 @@ ROWS = [
      FINETUNE_LR + ["--para-head", "cross", "--sts-head", "cosine", "--sts-loss", "cosine-mse",
                     "--grad-method", "pcgrad", "--head-lr", "1e-3"]),
 ]
+# The gradient-combination methods of issue 14 on the pcgrad row's setup (SBERT heads, STS CE).
+METHOD_ROWS = ("mgda", "cagrad", "imtl-g", "aligned-mtl", "upgrad", "dualproj", "nash-mtl", "fairgrad", "gradvac",
+               "uncertainty", "dwa", "rlw", "famo")
+ROWS += [(method, f"SBERT heads, STS CE, --grad-method {method}",
+          FINETUNE_LR + ["--para-head", "sbert", "--sts-head", "sbert", "--sts-loss", "ce", "--grad-method", method])
+         for method in METHOD_ROWS]
 ROW_NAMES = [name for name, _, _ in ROWS]
 
 
@@ -112,7 +126,7 @@ def render(results, header) -> str:
              "| row | configuration | steps | validation overall | SST acc | Quora acc | STS Pearson | overall | wall time |",
              "|---|---|---|---|---|---|---|---|---|"]
     order = {name: i for i, name in enumerate(ROW_NAMES)}
-    ranked = sorted(results.values(), key=lambda r: (order.get(r["row"], len(order)), r["row"]))
+    ranked = sorted(results.values(), key=lambda r: (order.get(r["row"].split("@")[0], len(order)), r["row"]))
     for r in ranked:
         s = r["scores"]
         # Rows run before the validation split chose their checkpoint on dev: no validation score.
@@ -123,9 +137,23 @@ def render(results, header) -> str:
     p = PAPER_DEV
     lines.append(f"| paper | BERT-base, GPU, full data (reported) | – | – | {p['sst_acc']:.3f} | {p['para_acc']:.3f} "
                  f"| {p['sts_pearson']:.3f} | {p['overall']:.3f} | – |")
+    lines += seed_spread(results)
     lines += ["", "Commands (`python -m mtbert.train ...`, run with OMP_NUM_THREADS=1):", ""]
     lines += [f"- {r['row']}: `{' '.join(map(_relative, r['argv']))}`" for r in ranked]
     return "\n".join(lines) + "\n"
+
+
+def seed_spread(results):
+    """Lines stating the spread of the ``pcgrad`` row's validation overall score over its seeds
+    (``pcgrad`` and ``pcgrad@SEED``; every seed holds out the same validation rows), or nothing when
+    fewer than two seeds have one."""
+    overall = [r["validation"]["overall"] for r in results.values()
+               if r["row"].split("@")[0] == "pcgrad" and r.get("validation")]
+    if len(overall) < 2:
+        return []
+    return ["", f"Seed-to-seed spread of the pcgrad row ({len(overall)} seeds, validation overall): "
+                f"{min(overall):.3f}–{max(overall):.3f}, standard deviation {statistics.stdev(overall):.3f}; "
+                "a difference between rows' validation scores smaller than this is noise."]
 
 
 def build_parser():
@@ -137,6 +165,8 @@ def build_parser():
     parser.add_argument("--data", default=os.environ.get("MTBERT_DATA", str(REPO.parent / "shared" / "data")),
                         help="CS224N data directory (default: $MTBERT_DATA or ../shared/data)")
     parser.add_argument("--max-dev-examples", type=int, help="evaluate on at most N dev examples per task")
+    parser.add_argument("--spread-seeds", type=int, default=0, metavar="S",
+                        help="also run the pcgrad row with S more seeds (seed + 1 ...) and print the spread")
     parser.add_argument("--seed", type=int, default=11711, help="(default: %(default)s)")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "paper_table.md"),
                         help="markdown table (default: %(default)s); results also go to the same name .json")
@@ -181,11 +211,14 @@ def main(argv=None):
     flags_of = {name: (description, flags) for name, description, flags in ROWS}
     if results:  # `--rows ''` just re-renders the table from the stored results
         write_atomically(output, render(results, header))
-    for name in rows:
+    runs = [(name, args.seed) for name in rows]
+    runs += [("pcgrad", args.seed + k) for k in range(1, args.spread_seeds + 1)]
+    for name, seed in runs:
         description, flags = flags_of[name]
-        out = Path(args.runs) / name
-        argv_row = train_argv(flags, args.data, out, args.steps, args.batch_size, args.seed, args.max_dev_examples)
-        print(f"== {name}: python -m mtbert.train {' '.join(argv_row)}", flush=True)
+        key = name if seed == args.seed else f"{name}@{seed}"
+        out = Path(args.runs) / key
+        argv_row = train_argv(flags, args.data, out, args.steps, args.batch_size, seed, args.max_dev_examples)
+        print(f"== {key}: python -m mtbert.train {' '.join(argv_row)}", flush=True)
         started = time.perf_counter()
         if out.exists():
             shutil.rmtree(out)  # a fresh run, never a resumed or appended one
@@ -193,13 +226,13 @@ def main(argv=None):
         wall = time.perf_counter() - started
         final = final_record(out)
         scores = {k: final[k] for k in ("sst_acc", "para_acc", "sts_pearson", "sts_spearman", "overall")}
-        row = {"row": name, "description": description, "argv": argv_row, "steps": final["step"],
+        row = {"row": key, "description": description, "argv": argv_row, "steps": final["step"],
                "wall_s": wall, "scores": scores, "validation": final.get("selection_scores")}
-        results = {**load_results(store), name: row}  # re-read: another invocation may have added rows
+        results = {**load_results(store), key: row}  # re-read: another invocation may have added rows
         output.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(store, json.dumps(results, indent=1) + "\n")
         write_atomically(output, render(results, header))
-        print(f"== {name}: {wall / 60:.1f} min, {scores}", flush=True)
+        print(f"== {key}: {wall / 60:.1f} min, {scores}", flush=True)
     if output.is_file():
         print(output.read_text())
     return 0

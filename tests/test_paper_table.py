@@ -29,7 +29,7 @@ def test_row_parses_into_train_config(name, tmp_path):
 def test_rows_cover_the_papers_ablations():
     configs = {name: dict(zip(flags[::2], flags[1::2])) for name, _, flags in paper_table.ROWS}
     assert configs["pretrain"]["--option"] == "pretrain"
-    assert {c["--grad-method"] for c in configs.values()} == {"sum", "main-aux", "pcgrad"}
+    assert {c["--grad-method"] for c in configs.values()} == {"sum", "main-aux", "pcgrad", *paper_table.METHOD_ROWS}
     assert {c["--sts-head"] for c in configs.values()} >= {"concat", "cosine", "sbert", "cross"}
     assert {c["--sts-loss"] for c in configs.values()} >= {"mse", "ce", "cosent"}
 
@@ -54,3 +54,18 @@ def test_render_escapes_pipes_in_descriptions():
                          "scores": scores}}
     row = next(line for line in paper_table.render(results, "").splitlines() if line.startswith("| sbert"))
     assert row.replace("\\|", "").count("|") == 10  # the table's own 10 column borders
+
+
+def test_render_prints_the_pcgrad_seed_spread_of_the_validation_score():
+    def result(row, validation):
+        scores = {"sst_acc": 0.4, "para_acc": 0.7, "sts_pearson": 0.8, "sts_spearman": 0.79, "overall": 0.9}
+        return {"row": row, "description": row, "argv": [], "steps": 1, "wall_s": 1.0, "scores": scores,
+                "validation": {"overall": validation}}
+
+    results = {r: result(r, v) for r, v in (("pcgrad", 0.60), ("pcgrad@2", 0.64), ("pcgrad@3", 0.62), ("mgda", 0.5))}
+    text = paper_table.render(results, "# t")
+    # statistics.stdev of 0.60, 0.64, 0.62 (sample standard deviation) is 0.020
+    assert "(3 seeds, validation overall): 0.600–0.640, standard deviation 0.020" in text
+    assert "spread" not in paper_table.render({"pcgrad": result("pcgrad", 0.6)}, "# t")
+    assert "spread" not in paper_table.render({"pcgrad": result("pcgrad", 0.6), "pcgrad@2": {**result("pcgrad@2", 0),
+                                                                                        "validation": None}}, "# t")

@@ -1,14 +1,18 @@
 """The gradient path of a multitask step, on ``mtbert.optim``: every trainable parameter lives in
 one flat buffer; each task back-propagates into its own row of the [K, P] gradient buffer; the rows
-are combined (sum / PCGrad / main+aux, two passes in C++); ``FusedAdamW`` updates the buffer in
+are combined (sum / PCGrad / main+aux / MGDA / ..., two passes in C++); ``FusedAdamW`` updates the buffer in
 one kernel per parameter group. The trainer sees only :class:`GradientPath`'s methods."""
+import math
 import re
 
 import torch
 
 from .. import distributed
 from ..kernels import GradientSegments
-from ..optim import ALIGNMENT, FlatParameters, FusedAdamW
+from ..optim import ALIGNMENT, FlatParameters, FusedAdamW, GradientCombination, make_weighting
+from ..optim._ops import gradient_gram
+from ..optim.combine import gradient_cosines
+from ..optim.loss_weighting import LOSS_WEIGHTINGS, make_loss_weighting
 
 
 def decay_groups(parameters, weight_decay):
@@ -63,7 +67,8 @@ class GradientPath:
     Rows of the gradient buffer follow ``config.tasks``; the shared segment is the encoder's
     trainable parameters (none with ``option='pretrain'``), then each task's head. Surgery applies to
     the shared segment; each head receives its own task's gradient. PCGrad's random projection
-    order comes from a generator seeded with ``config.seed`` and saved in checkpoints."""
+    order comes from a generator seeded with ``config.seed``; it and the method's own state (GradVac's
+    cosine targets, Nash-MTL's last solution) are saved in checkpoints."""
 
     def __init__(self, model, config):
         groups = model.task_parameters()
@@ -72,10 +77,26 @@ class GradientPath:
         factors = learning_rate_factors(model, config.layer_lr_decay, (config.head_lr or config.lr) / config.lr)
         self.optimizer = self._make_optimizer(learning_rate_groups(self.flat.parameters(), config.lr,
                                                                    config.weight_decay, factors), config.lr)
-        self.method = config.grad_method
-        self.main_task = config.main_task if config.grad_method == "main-aux" else None
-        self.aux_weight = config.aux_weight
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.use_method(config)
+
+    def use_method(self, config):
+        """Builds the combination method of ``config`` (``grad_method`` and its parameters), with a
+        fresh state. Made once per run: a stateful method keeps its state from step to step."""
+        main = self.flat.task_index(config.main_task) if config.grad_method == "main-aux" else 0
+        options = {"cagrad": {"c": config.cagrad_c}, "fairgrad": {"alpha": config.fairgrad_alpha},
+                   "nash-mtl": {"max_norm": config.nash_max_norm},
+                   "gradvac": {"beta": config.gradvac_beta}}.get(config.grad_method, {})
+        if config.grad_method in LOSS_WEIGHTINGS:
+            self.weighting = None
+            self.loss_weighting = make_loss_weighting(config.grad_method, self.flat.num_tasks,
+                                                      period=config.log_every, generator=self.generator)
+        else:
+            self.loss_weighting = None
+            self.weighting = make_weighting(config.grad_method, generator=self.generator, main=main,
+                                            aux_weight=config.aux_weight, **options)
+        self.last_combination = None
+        self.losses = {}
 
     def _numel_multiple(self):
         return 1
@@ -115,9 +136,23 @@ class GradientPath:
         with self.flat.own_rows():
             loss.backward()
 
+    def observe_losses(self, losses):
+        """The step's {task: loss}, which a loss-level weighting reads in :meth:`step` (a task
+        without a batch this step counts as absent)."""
+        self.losses = losses
+
+    def _step_weighting(self):
+        """The weighting of this step: the method's (Gram -> weights), or the loss weighting's
+        weights of the observed losses, whatever the Gram."""
+        if self.loss_weighting is None:
+            return self.weighting
+        values = torch.tensor([self.losses.get(task, math.nan) for task in self.flat.task_names], dtype=torch.float64)
+        weights = self.loss_weighting.weights(values)
+        return lambda gram: weights
+
     def step(self):
         """Combines the rows into the update direction, then one AdamW step."""
-        self.flat.combine(self.method, generator=self.generator, main=self.main_task, aux_weight=self.aux_weight)
+        self.last_combination = self.flat.combine(self._step_weighting())
         self.optimizer.step()
 
     def agree(self, step_losses, stop_requested):
@@ -125,11 +160,31 @@ class GradientPath:
         to stop after this step) as all processes see them: this process's own here."""
         return step_losses, stop_requested
 
+    def record(self):
+        """The last step's method weights and pairwise cosines of the task gradients on the shared
+        parameters, for metrics.jsonl: {"grad_weights": {task: w}, "grad_cosines": {"a/b": cos}}."""
+        if self.last_combination is None or self.flat.num_tasks < 2:
+            return {}
+        names = self.flat.task_names
+        cosines = self._cosines()
+        return {"grad_weights": dict(zip(names, self.last_combination.weights[0].tolist())),
+                "grad_cosines": {f"{names[i]}/{names[j]}": cosines[i, j].item()
+                                 for i in range(len(names)) for j in range(i + 1, len(names))}}
+
+    def _cosines(self):
+        return gradient_cosines(self.flat.grads, self.flat.boundaries, self.last_combination)
+
+    def _method(self):
+        return self.loss_weighting if self.loss_weighting is not None else self.weighting
+
     def state_dict(self):
-        return {"generator": self.generator.get_state()}
+        state = getattr(self._method(), "state_dict", None)
+        return {"generator": self.generator.get_state(), "weighting": state() if state else {}}
 
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
+        if hasattr(self._method(), "load_state_dict"):
+            self._method().load_state_dict(state["weighting"])
 
 
 class DistributedGradientPath(GradientPath):
@@ -148,10 +203,18 @@ class DistributedGradientPath(GradientPath):
 
     def step(self):
         self.sharded.reduce_scatter()
-        self.sharded.combine(self.method, generator=self.generator, main=self.main_task or 0,
-                             aux_weight=self.aux_weight)
+        self.last_combination = self.sharded.combine(self._step_weighting())
         self.optimizer.step()
         self.sharded.all_gather_parameters()
+
+    def _cosines(self):
+        """From the global Gram: the step's own, or (for a method that needs none, e.g. "sum") the
+        shard's partial Gram all-reduced; every rank calls it, as every rank builds the record."""
+        combination = self.last_combination
+        if combination.gram is None:
+            gram = self.sharded.all_reduce_gram(gradient_gram(self.sharded.rows, self.sharded.boundaries)).cpu()
+            combination = GradientCombination(gram, combination.weights)
+        return combination.cosine(0)
 
     def agree(self, step_losses, stop_requested):
         """The global losses of the step (each rank's share-weighted losses summed), or None on every

@@ -1,5 +1,7 @@
 """``mtbert-plot OUT``: training loss per task and the selection split's metrics (validation, or
-dev with --select-on dev) against steps from ``OUT/metrics.jsonl``, the chosen checkpoint marked."""
+dev with --select-on dev) against steps from ``OUT/metrics.jsonl``, the chosen checkpoint marked;
+when the run logged them, the gradient method's per-task weights and the pairwise cosines of the
+task gradients (how conflicts and weights evolve)."""
 import argparse
 import json
 import sys
@@ -76,8 +78,11 @@ def plot_metrics(run_dir, output=None) -> Path:
     records = read_metrics(run_dir)
     output = Path(output) if output else Path(run_dir) / "metrics.png"
     train = [r for r in records if r["kind"] == "train"]
-    # One step axis for both panels: losses and evaluations line up, and the run's full length shows.
-    figure, (loss_axes, dev_axes) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    gradients = [r for r in train if "grad_weights" in r]
+    rows = 2 if gradients else 1
+    # One step axis for every panel: losses, evaluations and weights line up, and the run's full length shows.
+    figure, axes = plt.subplots(rows, 2, figsize=(11, 4 * rows), squeeze=False, sharex=True)
+    (loss_axes, dev_axes) = axes[0]
     for task in sorted({t for r in train for t in r["loss"]}):
         points = [(r["step"], r["loss"][task]) for r in train if task in r["loss"]]
         loss_axes.plot(*zip(*points), marker="o", markersize=2, label=task)  # a one-record run shows its point
@@ -85,10 +90,23 @@ def plot_metrics(run_dir, output=None) -> Path:
     if train:
         loss_axes.legend()
     _plot_selection(dev_axes, records, max((r["step"] for r in records), default=0))
+    if gradients:
+        _plot_series(axes[1][0], gradients, "grad_weights", "weight of the task's gradient",
+                     "gradient-method weights (shared parameters)")
+        _plot_series(axes[1][1], gradients, "grad_cosines", "cosine", "pairwise cosines of the task gradients")
+        axes[1][1].axhline(0.0, color="grey", linewidth=0.8)  # below: the tasks conflict
     figure.tight_layout()
     figure.savefig(output, dpi=120)
     plt.close(figure)
     return output
+
+
+def _plot_series(axes, records, key, ylabel, title):
+    for name in sorted({n for r in records for n in r[key]}):
+        points = [(r["step"], r[key][name]) for r in records if name in r[key]]
+        axes.plot(*zip(*points), label=name)
+    axes.set(xlabel="step", ylabel=ylabel, title=title)
+    axes.legend()
 
 
 def main(argv=None):

@@ -1,5 +1,6 @@
 """The multitask training loop: one batch per task per step, per-task gradients combined by
-sum / PCGrad / main+aux, an AdamW step, dev evaluation each epoch, atomic checkpoints, exact resume."""
+sum / PCGrad / main+aux / MGDA / ... (``mtbert.optim``), an AdamW step, dev evaluation each epoch,
+atomic checkpoints, exact resume."""
 import dataclasses
 import json
 import logging
@@ -17,7 +18,8 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..encode import POOLINGS
 from ..errors import CheckpointError, ConfigError, DataFileError, make_directory
-from ..optim import METHODS
+from ..optim import METHOD_HELP, METHODS
+from ..optim.loss_weighting import LOSS_WEIGHTING_HELP, LOSS_WEIGHTINGS
 from ..pretrained import DEFAULT_MODEL
 from ..tokenizer import Tokenizer
 from . import evaluate as evaluation
@@ -148,9 +150,15 @@ class TrainConfig:
                             help="fraction of all steps with a linear learning-rate warmup")
     schedule: str = setting("constant", group="optimization", choices=LR_SCHEDULES,
                             help="learning-rate schedule after warmup")
-    grad_method: str = setting("sum", group="optimization", choices=METHODS,
-                               help="how the task gradients combine: sum, pcgrad (Yu et al. 2020), main-aux "
-                                    "(Bi et al. 2022: PCGrad of the main task against λ·Σ auxiliary)")
+    grad_method: str = setting("sum", group="optimization", choices=METHODS + LOSS_WEIGHTINGS, metavar="METHOD",
+                               help="how the task gradients combine: "
+                                    + "; ".join(f"{name}: {line}"
+                                                for name, line in {**METHOD_HELP, **LOSS_WEIGHTING_HELP}.items()))
+    cagrad_c: float = setting(0.4, group="optimization", help="c, CAGrad's radius relative to the mean gradient")
+    fairgrad_alpha: float = setting(1.0, group="optimization", help="α of FairGrad's α-fairness (1: proportional)")
+    nash_max_norm: float = setting(1.0, group="optimization",
+                                   help="Nash-MTL clips the update's norm to this (0: no clipping)")
+    gradvac_beta: float = setting(0.5, group="optimization", help="β, GradVac's EMA rate of the cosine targets")
     main_task: str = setting("sst", group="optimization", choices=TASKS, help="main task of --grad-method main-aux")
     aux_weight: float = setting(0.3, group="optimization", help="λ, weight of the auxiliary tasks in main-aux")
     task_sampling: str = setting("round-robin", group="optimization", choices=TASK_SAMPLINGS,
@@ -204,7 +212,8 @@ class TrainConfig:
                 raise ConfigError(f"tasks must be among {TASKS}, got {task!r}")
         if not self.tasks:
             raise ConfigError("tasks must name at least one task")
-        checks = [("option", self.option, ("pretrain", "finetune")), ("grad_method", self.grad_method, METHODS),
+        checks = [("option", self.option, ("pretrain", "finetune")),
+                  ("grad_method", self.grad_method, METHODS + LOSS_WEIGHTINGS),
                   ("task_sampling", self.task_sampling, TASK_SAMPLINGS), ("schedule", self.schedule, LR_SCHEDULES),
                   ("main_task", self.main_task, TASKS), ("pooling", self.pooling, POOLINGS),
                   ("para_head", self.para_head, PAIR_HEADS), ("sts_head", self.sts_head, PAIR_HEADS),
@@ -236,6 +245,12 @@ class TrainConfig:
         for name in ("save_every", "log_every", "eval_every"):
             if getattr(self, name) < 0 or (name == "log_every" and self.log_every == 0):
                 raise ConfigError(f"{name} must be >= {int(name == 'log_every')}, got {getattr(self, name)}")
+        for name, value, low, high in (("cagrad_c", self.cagrad_c, 0.0, math.inf),
+                                       ("fairgrad_alpha", self.fairgrad_alpha, 0.0, math.inf),
+                                       ("nash_max_norm", self.nash_max_norm, 0.0, math.inf),
+                                       ("gradvac_beta", self.gradvac_beta, 0.0, 1.0)):
+            if not low <= value <= high:
+                raise ConfigError(f"{name} must be in [{low}, {high}], got {value}")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if self.lr is None:
@@ -628,6 +643,7 @@ class Trainer:
                 self.skipped_steps += 1
             self.gradients.zero_grad()
             return None, examples
+        self.gradients.observe_losses(step_losses)
         self.gradients.step()
         self.scheduler.step()
         return step_losses, examples
@@ -716,7 +732,8 @@ class Trainer:
             if self.global_step % cfg.log_every == 0 or self.step_in_epoch == len(plan):
                 self._record(kind="train", epoch=self.epoch, step=self.global_step,
                              loss={t: s / c for t, (s, c) in window.items() if c}, examples_per_s=speed,
-                             lr=self.scheduler.get_last_lr()[0], skipped_steps=self.skipped_steps)
+                             lr=self.scheduler.get_last_lr()[0], skipped_steps=self.skipped_steps,
+                             **self.gradients.record())
                 window = self.loss_window = {t: [0.0, 0] for t in cfg.tasks}
             if cfg.eval_every and self.global_step % cfg.eval_every == 0 and self.step_in_epoch < len(plan):
                 evaluation_seconds = self._select()

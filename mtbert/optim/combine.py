@@ -1,5 +1,7 @@
-"""Gradient combination for multitask training: plain sum, PCGrad (Yu et al. 2020) and main +
-auxiliary weighting (Bi et al. 2022), in two passes over the [K, P] gradient buffer.
+"""Gradient combination for multitask training: plain sum, PCGrad (Yu et al. 2020), main +
+auxiliary weighting (Bi et al. 2022) and the methods of ``methods.py`` (MGDA, CAGrad, IMTL-G,
+Aligned-MTL, UPGrad, DualProj, Nash-MTL, FairGrad, GradVac), in two passes over the [K, P]
+gradient buffer.
 
 Every method here returns a linear combination of the task gradients g_1..g_K, so it is decided
 entirely by the K x K Gram matrix G = g g^T:
@@ -19,10 +21,31 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
-from . import _ops
+from . import _ops, methods
+from .methods import checked_orders, pcgrad_orders
 
 Weighting = Callable[[torch.Tensor], torch.Tensor]
-METHODS = ("sum", "pcgrad", "main-aux")
+# Every method by name: its one-line description (the --grad-method help) and its options.
+METHOD_HELP = {
+    "sum": "plain sum of the task gradients",
+    "pcgrad": "project away conflicting components (Yu et al. 2020)",
+    "main-aux": "PCGrad of the main task against aux_weight * sum of the others (Bi et al. 2022)",
+    "mgda": "min-norm point of the gradients' convex hull, exact (Sener & Koltun 2018)",
+    "cagrad": "best worst-task improvement within c*|mean| of the mean (Liu et al. 2021)",
+    "imtl-g": "equal projection onto every task's unit gradient (Liu et al. 2021)",
+    "aligned-mtl": "whitened, equal-norm gradient components (Senushkin et al. 2023)",
+    "upgrad": "each gradient projected onto the dual cone, summed (Quinton & Rey 2024)",
+    "dualproj": "the mean projected onto the dual cone (Quinton & Rey 2024)",
+    "nash-mtl": "Nash bargaining solution alpha*(G alpha) = 1 (Navon et al. 2022)",
+    "fairgrad": "alpha-fair rates of improvement, G w = w^(-1/alpha) (Ban & Ji 2024)",
+    "gradvac": "raise pairwise cosines to their EMA targets (Wang et al. 2021)",
+}
+METHODS = tuple(METHOD_HELP)
+METHOD_OPTIONS = {
+    "cagrad": ("c", "norm_eps"), "aligned-mtl": ("scale_mode",), "upgrad": ("norm_eps", "reg_eps"),
+    "dualproj": ("norm_eps", "reg_eps"), "nash-mtl": ("max_norm",), "fairgrad": ("alpha",),
+    "gradvac": ("beta", "eps"),
+}
 REDUCTIONS = ("sum", "mean")
 
 
@@ -42,14 +65,14 @@ class GradientCombination:
         return gram / (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(torch.float64).tiny)
 
 
-def pcgrad_orders(num_tasks: int, generator: Optional[torch.Generator] = None) -> List[List[int]]:
-    """For each task i, the other tasks in the uniformly random order in which PCGrad projects g_i
-    (Algorithm 1), drawn from ``generator`` (the global generator if None)."""
-    orders = []
-    for i in range(num_tasks):
-        others = [j for j in range(num_tasks) if j != i]
-        orders.append([others[j] for j in torch.randperm(len(others), generator=generator).tolist()])
-    return orders
+def gradient_cosines(grads: torch.Tensor, boundaries: Optional[Sequence[int]] = None,
+                     combination: Optional[GradientCombination] = None) -> torch.Tensor:
+    """[K, K] cosine similarities of the task gradients on the first segment (the shared one), from
+    ``combination``'s Gram when it has one, else from a Gram pass over ``grads``."""
+    if combination is None or combination.gram is None:
+        combination = GradientCombination(_ops.gradient_gram(grads, [0, grads.shape[1]] if boundaries is None
+                                                             else list(boundaries)).cpu(), torch.empty(0))
+    return combination.cosine(0)
 
 
 def sum_weights(gram: torch.Tensor) -> torch.Tensor:
@@ -71,9 +94,7 @@ def pcgrad_weights(gram: torch.Tensor, orders: Optional[Sequence[Sequence[int]]]
     ``orders[i]`` (default: drawn by :func:`pcgrad_orders` from ``generator``); returns the weights
     of sum_i g_i^PC, i.e. the column sums of C."""
     K = gram.shape[0]
-    orders = pcgrad_orders(K, generator) if orders is None else orders
-    if len(orders) != K:
-        raise ValueError(f"orders must hold one order per task ({K}), got {len(orders)}")
+    orders = checked_orders(K, orders, generator)
     G = gram.tolist()
     coeffs = [[1.0 if a == b else 0.0 for b in range(K)] for a in range(K)]
     for i in range(K):
@@ -106,36 +127,63 @@ def main_aux_weights(gram: torch.Tensor, main: int = 0, aux_weight: float = 0.3,
     return torch.tensor(coeffs, dtype=torch.float64).sum(0) @ virtual
 
 
-def _weighting(method: Union[str, Weighting], generator, orders, main, aux_weight, symmetric) -> Weighting:
+def make_weighting(method: Union[str, Weighting], *, generator: Optional[torch.Generator] = None,
+                   orders: Optional[Sequence[Sequence[int]]] = None, main: int = 0, aux_weight: float = 0.3,
+                   symmetric: bool = False, **options) -> Weighting:
+    """The weighting (Gram [K, K] -> weights [K]) of ``method``: a name of :data:`METHODS` with its
+    ``options`` (see :data:`METHOD_OPTIONS`, e.g. ``c=0.4`` for "cagrad"), or a callable, returned
+    as is. Stateful methods ("gradvac", "nash-mtl") return an object whose state persists across
+    calls: make it once and pass it to every step."""
     if callable(method):
         return method
+    if method not in METHOD_HELP:
+        raise ValueError(f"method must be one of {METHODS} or a callable gram -> weights, got {method!r}")
+    unknown = sorted(set(options) - set(METHOD_OPTIONS.get(method, ())))
+    if unknown:
+        raise ValueError(f"{method} takes the options {METHOD_OPTIONS.get(method, ())}, got {unknown}")
     if method == "sum":
         return sum_weights
     if method == "pcgrad":
         return lambda gram: pcgrad_weights(gram, orders, generator)
     if method == "main-aux":
         return lambda gram: main_aux_weights(gram, main, aux_weight, symmetric)
-    raise ValueError(f"method must be one of {METHODS} or a callable gram -> weights, got {method!r}")
+    if method == "gradvac":
+        gradvac = methods.GradVac(generator=generator, **options)
+        return gradvac if orders is None else _with_orders(gradvac, orders)
+    if method == "nash-mtl":
+        return methods.NashMTL(**options)
+    function = {"mgda": methods.mgda_weights, "cagrad": methods.cagrad_weights, "imtl-g": methods.imtl_g_weights,
+                "aligned-mtl": methods.aligned_mtl_weights, "upgrad": methods.upgrad_weights,
+                "dualproj": methods.dualproj_weights, "fairgrad": methods.fairgrad_weights}[method]
+    return (lambda gram: function(gram, **options)) if options else function
+
+
+def _with_orders(gradvac: "methods.GradVac", orders: Sequence[Sequence[int]]) -> Weighting:
+    return lambda gram: gradvac(gram, orders)
 
 
 def combine_gradients(grads: torch.Tensor, out: torch.Tensor, method: Union[str, Weighting] = "sum", *,
                       boundaries: Optional[Sequence[int]] = None, reduction: str = "sum",
                       generator: Optional[torch.Generator] = None, orders: Optional[Sequence[Sequence[int]]] = None,
                       main: int = 0, aux_weight: float = 0.3, symmetric: bool = False,
-                      reduce_gram: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> GradientCombination:
+                      reduce_gram: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                      **options) -> GradientCombination:
     """Combines the task gradients ``grads`` [K, P] (float32, contiguous) into ``out`` [P], in place.
 
     boundaries: None -- surgery on the whole vector (one segment, as Pytorch-PCGrad does); or
       [0, S, S + h_1, ..., P] -- surgery on the shared columns [0, S) only, and the columns of
       task k's head (segment k + 1) receive task k's own gradient.
-    method: "sum", "pcgrad", "main-aux", or a callable mapping a [K, K] float64 Gram matrix to [K]
-      float64 row weights.
+    method: a name of :data:`METHODS` ("sum", "pcgrad", "mgda", "cagrad", ...), or a callable mapping
+      a [K, K] float64 Gram matrix to [K] float64 row weights (e.g. a stateful ``GradVac()``).
     reduction: "sum" (the paper) or "mean" (the shared part divided by K).
     generator / orders: PCGrad's random projection order (``orders`` fixes it explicitly).
     main / aux_weight / symmetric: main + auxiliary weighting options (main is a task index).
     reduce_gram: maps the [C, K, K] Gram of these columns to the Gram of all columns, when
       ``grads`` is one column shard of a larger buffer (``mtbert.distributed`` passes an
       all-reduce): the weights then are those of the whole buffer, the combination that of the shard.
+    options: the method's parameters (:data:`METHOD_OPTIONS`), e.g. ``c=0.5`` for "cagrad". A
+      stateful method given by name starts from a fresh state at each call; pass
+      ``make_weighting(name)`` once instead to keep it.
 
     If a Gram matrix is not finite (an overflowed gradient under a GradScaler), the rows are
     summed so that the non-finite values reach ``out`` and the scaler skips the step.
@@ -149,7 +197,8 @@ def combine_gradients(grads: torch.Tensor, out: torch.Tensor, method: Union[str,
     if len(boundaries) not in (2, K + 2):
         raise ValueError(f"boundaries must be [0, P] or [0, S, ..., P] with one head segment per task "
                          f"({K + 2} entries), got {len(boundaries)} entries")
-    weighting = _weighting(method, generator, orders, main, aux_weight, symmetric)
+    weighting = make_weighting(method, generator=generator, orders=orders, main=main, aux_weight=aux_weight,
+                               symmetric=symmetric, **options)
     C = len(boundaries) - 1
     gram = None if method == "sum" else _ops.gradient_gram(grads, boundaries)
     if gram is not None:
@@ -198,7 +247,7 @@ def combine_reference(grads: torch.Tensor, method: str = "sum", *, boundaries: O
             main_pc = g_main - dot / torch.dot(g_aux, g_aux) * g_aux
         projected = [main_pc, aux_pc]
     else:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ValueError(f"method must be one of ('sum', 'pcgrad', 'main-aux'), got {method!r}")
     shared = torch.stack(projected).sum(0)
     if reduction == "mean":
         shared = shared / K

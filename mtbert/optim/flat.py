@@ -230,12 +230,13 @@ class FlatParameters:
     def combine(self, method: Union[str, Weighting] = "sum", *, scope: str = "shared", reduction: str = "sum",
                 generator: Optional[torch.Generator] = None, orders: Optional[Sequence[Sequence[int]]] = None,
                 main: Optional[TaskKey] = None, aux_weight: float = 0.3,
-                symmetric: bool = False) -> GradientCombination:
+                symmetric: bool = False, **options) -> GradientCombination:
         """Combines the task rows into ``grad`` (see :func:`combine_gradients`) and points ``.grad`` at it.
 
         scope: "shared" (default) -- surgery on the shared parameters, each head gets its own task's
           gradient; "all" -- surgery on the whole vector (Pytorch-PCGrad's behaviour).
         main: the main task of "main-aux", by name or index (default: the first task).
+        options: the method's parameters, e.g. ``flat.combine("cagrad", c=0.5)``.
         """
         if scope not in ("shared", "all"):
             raise ValueError(f"scope must be 'shared' or 'all', got {scope!r}")
@@ -248,6 +249,6 @@ class FlatParameters:
         result = combine_gradients(self.grads, self.grad, method, boundaries=boundaries, reduction=reduction,
                                    generator=generator, orders=orders,
                                    main=self.task_index(main if main is not None else 0), aux_weight=aux_weight,
-                                   symmetric=symmetric)
+                                   symmetric=symmetric, **options)
         self.select_combined()
         return result
