@@ -41,6 +41,8 @@ METHOD_HELP = {
     "gradvac": "raise pairwise cosines to their EMA targets (Wang et al. 2021)",
 }
 METHODS = tuple(METHOD_HELP)
+# The methods that :func:`combine_reference` implements on the vectors (the others are checked against TorchJD).
+REFERENCE_METHODS = ("sum", "pcgrad", "main-aux")
 METHOD_OPTIONS = {
     "cagrad": ("c", "norm_eps"), "aligned-mtl": ("scale_mode",), "upgrad": ("norm_eps", "reg_eps"),
     "dualproj": ("norm_eps", "reg_eps"), "nash-mtl": ("max_norm",), "fairgrad": ("alpha",),
@@ -247,7 +249,7 @@ def combine_reference(grads: torch.Tensor, method: str = "sum", *, boundaries: O
             main_pc = g_main - dot / torch.dot(g_aux, g_aux) * g_aux
         projected = [main_pc, aux_pc]
     else:
-        raise ValueError(f"method must be one of ('sum', 'pcgrad', 'main-aux'), got {method!r}")
+        raise ValueError(f"method must be one of {REFERENCE_METHODS}, got {method!r}")
     shared = torch.stack(projected).sum(0)
     if reduction == "mean":
         shared = shared / K
