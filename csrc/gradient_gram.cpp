@@ -92,9 +92,10 @@ MTBERT_ALWAYS_INLINE void gram_cross(const float* a, const float* b, int64_t row
 
 // Above 8 rows the Gram is cut into blocks of kGramBlock rows (the last one smaller): a diagonal block
 // is a gram_rows sweep, each pair of blocks a gram_cross sweep, so a piece is read from cache
-// (K / 4) (K / 4 + 1) / 2 times instead of once per pair of rows.
+// n (n + 1) / 2 times (n = ceil(K / 4) blocks: 6 at K = 10) instead of K (K + 1) / 2 times (55).
 constexpr int64_t kGramBlock = 4;
 
+// gram_cross<A, B> for a block of B = 1..4 rows.
 template <int A>
 MTBERT_ALWAYS_INLINE void gram_cross_rows(int64_t B, const float* a, const float* b, int64_t row_stride,
                                           int64_t begin, int64_t end, double* acc, int64_t acc_stride) {
@@ -133,13 +134,8 @@ void gram_piece(const float* g, int64_t K, int64_t P, int64_t begin, int64_t end
     for (int64_t b0 = a0 + kGramBlock; b0 < K; b0 += kGramBlock) {
       const int64_t B = std::min(kGramBlock, K - b0);
       const float* b = g + b0 * P;
-      double* cross = acc + a0 * K + b0;
-      switch (A) {
-        case 1: gram_cross_rows<1>(B, a, b, P, begin, end, cross, K); break;
-        case 2: gram_cross_rows<2>(B, a, b, P, begin, end, cross, K); break;
-        case 3: gram_cross_rows<3>(B, a, b, P, begin, end, cross, K); break;
-        case 4: gram_cross_rows<4>(B, a, b, P, begin, end, cross, K); break;
-      }
+      // Only the last block is short, and it has no block after it: A == kGramBlock here.
+      gram_cross_rows<kGramBlock>(B, a, b, P, begin, end, acc + a0 * K + b0, K);
     }
   }
 }
