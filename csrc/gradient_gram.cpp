@@ -9,6 +9,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "flat_buffer.h"
@@ -56,8 +57,58 @@ MTBERT_ALWAYS_INLINE void gram_rows(const float* g, int64_t row_stride, int64_t 
   }
 }
 
+// The cross products of two row blocks over the columns [begin, end): rows a[0..A) (at a + i * row_stride)
+// against rows b[0..B), written to acc[i * acc_stride + j]. Like gram_rows, one sweep: the A + B rows
+// are widened once per vector and the A x B products accumulate in registers (at most 16 + 8 of the
+// 32 AVX-512 vector registers for 4 x 4), summed lane by lane then tail in the order gram_rows uses.
+template <int A, int B>
+MTBERT_ALWAYS_INLINE void gram_cross(const float* a, const float* b, int64_t row_stride, int64_t begin, int64_t end,
+                                     double* acc, int64_t acc_stride) {
+  Doubles8 sum[A][B] = {};
+  int64_t p = begin;
+  for (; p + kLanes <= end; p += kLanes) {
+    Doubles8 x[A], y[B];
+#pragma GCC unroll 4
+    for (int i = 0; i < A; ++i) x[i] = load_as_double(a + i * row_stride + p);
+#pragma GCC unroll 4
+    for (int j = 0; j < B; ++j) y[j] = load_as_double(b + j * row_stride + p);
+#pragma GCC unroll 4
+    for (int i = 0; i < A; ++i) {
+#pragma GCC unroll 4
+      for (int j = 0; j < B; ++j) sum[i][j] += x[i] * y[j];
+    }
+  }
+  for (int i = 0; i < A; ++i) {
+    for (int j = 0; j < B; ++j) {
+      double total = 0.0;
+      for (int lane = 0; lane < kLanes; ++lane) total += sum[i][j][lane];
+      for (int64_t r = p; r < end; ++r) {
+        total += static_cast<double>(a[i * row_stride + r]) * static_cast<double>(b[j * row_stride + r]);
+      }
+      acc[i * acc_stride + j] = total;
+    }
+  }
+}
+
+// Above 8 rows the Gram is cut into blocks of kGramBlock rows (the last one smaller): a diagonal block
+// is a gram_rows sweep, each pair of blocks a gram_cross sweep, so a piece is read from cache
+// n (n + 1) / 2 times (n = ceil(K / 4) blocks: 6 at K = 10) instead of K (K + 1) / 2 times (55).
+constexpr int64_t kGramBlock = 4;
+
+// gram_cross<A, B> for a block of B = 1..4 rows.
+template <int A>
+MTBERT_ALWAYS_INLINE void gram_cross_rows(int64_t B, const float* a, const float* b, int64_t row_stride,
+                                          int64_t begin, int64_t end, double* acc, int64_t acc_stride) {
+  switch (B) {
+    case 1: return gram_cross<A, 1>(a, b, row_stride, begin, end, acc, acc_stride);
+    case 2: return gram_cross<A, 2>(a, b, row_stride, begin, end, acc, acc_stride);
+    case 3: return gram_cross<A, 3>(a, b, row_stride, begin, end, acc, acc_stride);
+    case 4: return gram_cross<A, 4>(a, b, row_stride, begin, end, acc, acc_stride);
+  }
+}
+
 // acc[i * K + j] (i <= j) of one piece. K <= 8 (the tasks of multitask training) takes one sweep;
-// larger K, pair by pair, re-reads the piece from L2 per pair.
+// larger K one sweep per block pair.
 MTBERT_VECTOR_CLONES
 void gram_piece(const float* g, int64_t K, int64_t P, int64_t begin, int64_t end, double* acc) {
   switch (K) {
@@ -70,13 +121,21 @@ void gram_piece(const float* g, int64_t K, int64_t P, int64_t begin, int64_t end
     case 7: return gram_rows<7>(g, P, begin, end, acc, K);
     case 8: return gram_rows<8>(g, P, begin, end, acc, K);
   }
-  for (int64_t i = 0; i < K; ++i) {
-    gram_rows<1>(g + i * P, P, begin, end, acc + i * K + i, K);
-    for (int64_t j = i + 1; j < K; ++j) {
-      // Rows i and j as a two-row buffer: its off-diagonal product is G[i, j].
-      double pair[4];
-      gram_rows<2>(g + i * P, (j - i) * P, begin, end, pair, 2);
-      acc[i * K + j] = pair[1];
+  for (int64_t a0 = 0; a0 < K; a0 += kGramBlock) {
+    const int64_t A = std::min(kGramBlock, K - a0);
+    const float* a = g + a0 * P;
+    double* diagonal = acc + a0 * K + a0;
+    switch (A) {
+      case 1: gram_rows<1>(a, P, begin, end, diagonal, K); break;
+      case 2: gram_rows<2>(a, P, begin, end, diagonal, K); break;
+      case 3: gram_rows<3>(a, P, begin, end, diagonal, K); break;
+      case 4: gram_rows<4>(a, P, begin, end, diagonal, K); break;
+    }
+    for (int64_t b0 = a0 + kGramBlock; b0 < K; b0 += kGramBlock) {
+      const int64_t B = std::min(kGramBlock, K - b0);
+      const float* b = g + b0 * P;
+      // Only the last block is short, and it has no block after it: A == kGramBlock here.
+      gram_cross_rows<kGramBlock>(B, a, b, P, begin, end, acc + a0 * K + b0, K);
     }
   }
 }

@@ -168,6 +168,35 @@ def test_gram_and_combine_of_large_buffer_cross_pieces():
     torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("K", [9, 10, 13, 16])
+def test_gram_of_more_than_eight_rows_matches_float64(K):
+    # Above 8 rows the Gram is swept in blocks of 4 rows (the last one smaller): K = 9 and 13 leave a
+    # 1-row block, 10 a 2-row one. Segments cut the 16384-column pieces at odd places, one is empty.
+    P = 40_003
+    grads = torch.randn(K, P, generator=torch.Generator().manual_seed(K))
+    boundaries = [0, 5, 16_390, 16_390, 33_001, P]
+    G = _ops.gradient_gram(grads, boundaries)
+    g = grads.double()
+    expected = torch.stack([g[:, a:b] @ g[:, a:b].T for a, b in zip(boundaries, boundaries[1:])])
+    torch.testing.assert_close(G, expected, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("K", [3, 10])
+def test_gram_is_independent_of_the_thread_count(K):
+    # Every piece writes its own partial and the partials are summed in piece order.
+    grads = torch.randn(K, 100_003, generator=torch.Generator().manual_seed(1))
+    boundaries = [0, 70_000, 100_003]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _ops.gradient_gram(grads, boundaries)
+        torch.set_num_threads(2)
+        two = _ops.gradient_gram(grads, boundaries)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
 def test_combine_into_large_misaligned_out():
     # Above 16 MiB the combination writes with non-temporal stores from 16-byte aligned addresses:
     # an out view 4 bytes past its allocation, and a head segment whose weights skip rows.
