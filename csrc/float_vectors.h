@@ -14,7 +14,7 @@ namespace mtbert {
 
 // The vectors only live in registers of always-inlined code, never cross a call, so the ABI of
 // passing them by value (which GCC warns about where AVX-512 is not enabled) never applies. Only
-// the two kernel files include this header.
+// the kernel files include this header.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 typedef float Floats8 __attribute__((vector_size(32)));
