@@ -70,25 +70,26 @@ void forward_rows(const float* x, const float* residual, const float* weight, co
 }
 
 // The rows [begin, end) of the backward; their dγ and dβ sums go to weight_sum and bias_sum [N].
+// g = dy * weight is stored (in g, [N] scratch) before it is used: rounded once, so that g - mean(g) is
+// exactly 0 where it should be (one feature), not the rounding error of a fused multiply-add times rstd.
 MTBERT_VECTOR_CLONES
 void backward_rows(const float* grad_y, const float* z, const uint8_t* keep, const float* weight, const float* mean,
-                   const float* rstd, float* grad_x, float* grad_residual, float* weight_sum, float* bias_sum,
+                   const float* rstd, float* grad_x, float* grad_residual, float* weight_sum, float* bias_sum, float* g,
                    int64_t begin, int64_t end, int64_t N, DropoutSettings s) {
   for (int64_t c = 0; c < N; ++c) weight_sum[c] = bias_sum[c] = 0.0f;
   for (int64_t row = begin; row < end; ++row) {
     const float* dy = grad_y + row * N;
     const float* z_r = z + row * N;
     const float mu = mean[row], r = rstd[row];
+#pragma omp simd
+    for (int64_t c = 0; c < N; ++c) g[c] = dy[c] * weight[c];
     float sum_g = 0.0f, sum_g_hat = 0.0f;
 #pragma omp simd reduction(+ : sum_g, sum_g_hat)
     for (int64_t c = 0; c < N; ++c) {
-      const float g = dy[c] * weight[c];
-      sum_g += g;
-      sum_g_hat += g * (z_r[c] - mu) * r;
-    }
-#pragma omp simd
-    for (int64_t c = 0; c < N; ++c) {
-      weight_sum[c] += dy[c] * (z_r[c] - mu) * r;
+      const float z_hat = (z_r[c] - mu) * r;
+      sum_g += g[c];
+      sum_g_hat += g[c] * z_hat;
+      weight_sum[c] += dy[c] * z_hat;
       bias_sum[c] += dy[c];
     }
     const float mean_g = sum_g / static_cast<float>(N), mean_g_hat = sum_g_hat / static_cast<float>(N);
@@ -98,14 +99,14 @@ void backward_rows(const float* grad_y, const float* z, const uint8_t* keep, con
       const uint8_t* keep_r = keep + row * N;
 #pragma omp simd
       for (int64_t c = 0; c < N; ++c) {
-        const float dz = r * (dy[c] * weight[c] - mean_g - (z_r[c] - mu) * r * mean_g_hat);
+        const float dz = r * (g[c] - mean_g - (z_r[c] - mu) * r * mean_g_hat);
         dres[c] = dz;
         dx[c] = dz * (static_cast<float>(keep_r[c]) * s.scale);
       }
     } else {
 #pragma omp simd
       for (int64_t c = 0; c < N; ++c) {
-        const float dz = r * (dy[c] * weight[c] - mean_g - (z_r[c] - mu) * r * mean_g_hat);
+        const float dz = r * (g[c] - mean_g - (z_r[c] - mu) * r * mean_g_hat);
         dres[c] = dz;
         dx[c] = dz;
       }
@@ -192,9 +193,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_nor
   float *dx_p = grad_x.data_ptr<float>(), *dres_p = grad_residual.data_ptr<float>();
   float* partial_p = partial.data_ptr<float>();
   at::parallel_for(0, P, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> g(N);
     for (int64_t q = first; q < last; ++q) {
       backward_rows(dy_p, z_p, keep_p, w_p, mean_p, rstd_p, dx_p, dres_p, partial_p + q * 2 * N,
-                    partial_p + (q * 2 + 1) * N, pieces[q].begin, pieces[q].end, N, s);
+                    partial_p + (q * 2 + 1) * N, g.data(), pieces[q].begin, pieces[q].end, N, s);
     }
   });
   at::Tensor grad_weight = at::zeros({K, N}, z.options()), grad_bias = at::zeros({K, N}, z.options());
