@@ -5,7 +5,7 @@
 //
 // BERT's "dropout -> add -> LayerNorm" (after the attention output and the FFN) in one pass over each
 // row: z = x * keep / (1 - p) + residual, y = (z - mean) * rstd * weight + bias. The keep mask is
-// drawn in the pass (dropout_rng.h) and returned as bytes for the backward; z (the LayerNorm input)
+// drawn first (dropout_rng.h, a byte per element) and returned as bytes for the backward; z (the LayerNorm input)
 // is returned for the backward too, so x and residual need not be kept. The backward is the
 // LayerNorm input gradient
 //     dz = rstd * (g - mean(g) - ẑ * mean(g * ẑ)),   g = dy * weight,  ẑ = (z - mean) * rstd
@@ -34,7 +34,7 @@ constexpr int64_t kRowsPerPiece = 32;
 
 MTBERT_VECTOR_CLONES
 void forward_rows(const float* x, const float* residual, const float* weight, const float* bias, float* y, float* z,
-                  float* mean, float* rstd, uint8_t* keep, int64_t begin, int64_t end, int64_t N, float eps,
+                  float* mean, float* rstd, const uint8_t* keep, int64_t begin, int64_t end, int64_t N, float eps,
                   DropoutSettings s) {
   for (int64_t row = begin; row < end; ++row) {
     const float* x_r = x + row * N;
@@ -43,8 +43,7 @@ void forward_rows(const float* x, const float* residual, const float* weight, co
     float* y_r = y + row * N;
     float sum = 0.0f;
     if (s.active) {
-      uint8_t* keep_r = keep + row * N;
-      keep_mask_row(keep_r, N, row, kLayerNormStream, s);
+      const uint8_t* keep_r = keep + row * N;
 #pragma omp simd reduction(+ : sum)
       for (int64_t c = 0; c < N; ++c) {
         z_r[c] = x_r[c] * (static_cast<float>(keep_r[c]) * s.scale) + res_r[c];
@@ -153,6 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_a
   float *y_p = y.data_ptr<float>(), *z_p = z.data_ptr<float>();
   float *mean_p = mean.data_ptr<float>(), *rstd_p = rstd.data_ptr<float>();
   uint8_t* keep_p = s.active ? keep.data_ptr<uint8_t>() : nullptr;
+  if (s.active) fill_keep_mask(keep_p, M * N, kLayerNormStream, s);
   at::parallel_for(0, M, kRowsPerPiece, [&](int64_t begin, int64_t end) {
     forward_rows(x_p, res_p, w_p, b_p, y_p, z_p, mean_p, rstd_p, keep_p, begin, end, N, static_cast<float>(eps), s);
   });

@@ -19,6 +19,7 @@
 
 #include "dropout_rng.h"
 #include "flat_buffer.h"
+#include "float_vectors.h"
 
 namespace mtbert {
 
@@ -50,7 +51,7 @@ MTBERT_ALWAYS_INLINE float exp_nonpositive(float x) {
 }
 
 MTBERT_VECTOR_CLONES
-void softmax_dropout_rows(const float* scores, const float* mask_bias, float* out, float* probs, uint8_t* keep,
+void softmax_dropout_rows(const float* scores, const float* mask_bias, float* out, float* probs, const uint8_t* keep,
                           int64_t begin, int64_t end, int64_t rows_per_sequence, int64_t L, float scale,
                           DropoutSettings s) {
   for (int64_t row = begin; row < end; ++row) {
@@ -72,8 +73,7 @@ void softmax_dropout_rows(const float* scores, const float* mask_bias, float* ou
     }
     const float inverse = 1.0f / sum;
     if (s.active) {
-      uint8_t* keep_r = keep + row * L;
-      keep_mask_row(keep_r, L, row, kSoftmaxStream, s);
+      const uint8_t* keep_r = keep + row * L;
       const float kept = inverse * s.scale;
 #pragma omp simd
       for (int64_t c = 0; c < L; ++c) {
@@ -144,6 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_dropout_cpu(const at::Ten
   const float* bias_p = mask_bias.data_ptr<float>();
   float *out_p = out.data_ptr<float>(), *probs_p = probs.data_ptr<float>();
   uint8_t* keep_p = s.active ? keep.data_ptr<uint8_t>() : nullptr;
+  if (s.active) fill_keep_mask(keep_p, scores.numel(), kSoftmaxStream, s);
   at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
     softmax_dropout_rows(s_p, bias_p, out_p, probs_p, keep_p, begin, end, rows_per_sequence, L,
                          static_cast<float>(scale), s);
