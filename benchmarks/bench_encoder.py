@@ -21,7 +21,9 @@ timing, each eager row's output at the real tokens (eval mode) is checked agains
     python benchmarks/bench_encoder.py [--threads 1] [--regime random] [--batches 4] [--repeats 3]
 
 The second form interleaves the eager rows batch by batch (robust to a machine whose load drifts,
-as a shared one does) and prints median wall and process CPU seconds per step and ratios.
+as a shared one does) and prints median wall and process CPU seconds per step and ratios. It adds
+the row "mtbert, PyTorch ops": mtbert with ``MTBERT_KERNELS=torch``, i.e. without the fused CPU
+kernels (dropout + add + LayerNorm, softmax + dropout), so their gain is measured in the same run.
 """
 import argparse
 import os
@@ -186,11 +188,15 @@ def interleaved(threads, regime, batches, repeats):
     batches = draw_sst_batches(regime, batches)
     rows = [StepRow(impl, regime, "fp32") for impl in ("transformers", "mtbert padded", "mtbert")]
     models = {row.label(IMPL_NAMES): make_model(row).train() for row in rows}
+    # The same model once more, run with the PyTorch ops (the variable is read at each op call).
+    kernels = {name: "auto" for name in models} | {"mtbert, PyTorch ops": "torch"}
+    models["mtbert, PyTorch ops"] = make_model(rows[-1]).train()
     wall = {name: [] for name in models}
     cpu = {name: [] for name in models}
     for repeat in range(repeats + 1):  # the first pass warms up and is not counted
         for batch in batches:
             for name, model in models.items():
+                os.environ["MTBERT_KERNELS"] = kernels[name]
                 start_wall, start_cpu = time.perf_counter(), time.process_time()
                 training_step(model, batch, "fp32")
                 synchronize()
