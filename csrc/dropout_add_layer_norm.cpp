@@ -23,6 +23,7 @@
 
 #include "dropout_rng.h"
 #include "flat_buffer.h"
+#include "float_vectors.h"
 
 namespace mtbert {
 
@@ -41,25 +42,16 @@ void forward_rows(const float* x, const float* residual, const float* weight, co
     const float* res_r = residual + row * N;
     float* z_r = z + row * N;
     float* y_r = y + row * N;
-    float sum = 0.0f;
     if (s.active) {
       const uint8_t* keep_r = keep + row * N;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < N; ++c) {
-        z_r[c] = x_r[c] * (static_cast<float>(keep_r[c]) * s.scale) + res_r[c];
-        sum += z_r[c];
-      }
+#pragma omp simd
+      for (int64_t c = 0; c < N; ++c) z_r[c] = x_r[c] * (static_cast<float>(keep_r[c]) * s.scale) + res_r[c];
     } else {
-#pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < N; ++c) {
-        z_r[c] = x_r[c] + res_r[c];
-        sum += z_r[c];
-      }
+#pragma omp simd
+      for (int64_t c = 0; c < N; ++c) z_r[c] = x_r[c] + res_r[c];
     }
-    const float mu = sum / static_cast<float>(N);
-    float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-    for (int64_t c = 0; c < N; ++c) squares += (z_r[c] - mu) * (z_r[c] - mu);
+    const float mu = lane_sum(N, [&](int64_t c) { return z_r[c]; }) / static_cast<float>(N);
+    const float squares = lane_sum(N, [&](int64_t c) { return (z_r[c] - mu) * (z_r[c] - mu); });
     const float r = 1.0f / std::sqrt(squares / static_cast<float>(N) + eps);
 #pragma omp simd
     for (int64_t c = 0; c < N; ++c) y_r[c] = (z_r[c] - mu) * r * weight[c] + bias[c];
@@ -82,13 +74,11 @@ void backward_rows(const float* grad_y, const float* z, const uint8_t* keep, con
     const float mu = mean[row], r = rstd[row];
 #pragma omp simd
     for (int64_t c = 0; c < N; ++c) g[c] = dy[c] * weight[c];
-    float sum_g = 0.0f, sum_g_hat = 0.0f;
-#pragma omp simd reduction(+ : sum_g, sum_g_hat)
+    const float sum_g = lane_sum(N, [&](int64_t c) { return g[c]; });
+    const float sum_g_hat = lane_sum(N, [&](int64_t c) { return g[c] * ((z_r[c] - mu) * r); });
+#pragma omp simd
     for (int64_t c = 0; c < N; ++c) {
-      const float z_hat = (z_r[c] - mu) * r;
-      sum_g += g[c];
-      sum_g_hat += g[c] * z_hat;
-      weight_sum[c] += dy[c] * z_hat;
+      weight_sum[c] += dy[c] * ((z_r[c] - mu) * r);
       bias_sum[c] += dy[c];
     }
     const float mean_g = sum_g / static_cast<float>(N), mean_g_hat = sum_g_hat / static_cast<float>(N);

@@ -65,12 +65,9 @@ void softmax_dropout_rows(const float* scores, const float* mask_bias, float* ou
       p_r[c] = s_r[c] * scale + bias[c];
       high = std::max(high, p_r[c]);
     }
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t c = 0; c < L; ++c) {
-      p_r[c] = exp_nonpositive(p_r[c] - high);
-      sum += p_r[c];
-    }
+#pragma omp simd
+    for (int64_t c = 0; c < L; ++c) p_r[c] = exp_nonpositive(p_r[c] - high);
+    const float sum = lane_sum(L, [&](int64_t c) { return p_r[c]; });
     const float inverse = 1.0f / sum;
     if (s.active) {
       const uint8_t* keep_r = keep + row * L;
@@ -95,21 +92,15 @@ void softmax_dropout_backward_rows(const float* grad_out, const float* probs, co
     const float* g = grad_out + row * L;
     const float* p = probs + row * L;
     float* d = grad_scores + row * L;
-    float dot = 0.0f;
     if (s.active) {
       const uint8_t* keep_r = keep + row * L;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t c = 0; c < L; ++c) {
-        d[c] = g[c] * (static_cast<float>(keep_r[c]) * s.scale);  // dP, then dS in place
-        dot += p[c] * d[c];
-      }
+#pragma omp simd
+      for (int64_t c = 0; c < L; ++c) d[c] = g[c] * (static_cast<float>(keep_r[c]) * s.scale);  // dP, then dS in place
     } else {
-#pragma omp simd reduction(+ : dot)
-      for (int64_t c = 0; c < L; ++c) {
-        d[c] = g[c];
-        dot += p[c] * d[c];
-      }
+#pragma omp simd
+      for (int64_t c = 0; c < L; ++c) d[c] = g[c];
     }
+    const float dot = lane_sum(L, [&](int64_t c) { return p[c] * d[c]; });
 #pragma omp simd
     for (int64_t c = 0; c < L; ++c) d[c] = scale * p[c] * (d[c] - dot);
   }

@@ -224,3 +224,26 @@ def test_segmented_pass_with_dropout_sums_to_the_plain_gradients(unpad):
         loss().backward()
     for (name, _), views, expected in zip(model.named_parameters(), destinations.values(), plain):
         torch.testing.assert_close(views[0] + views[1], expected, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_equal_rows_give_equal_results_wherever_they_lie():
+    """A row's result does not depend on its buffer's alignment or its place in the batch (no
+    alignment peeling in the sums): SBERT's |u - v| of two equal sentences stays exactly 0."""
+    N = 384
+    x, residual, grad_y = torch.randn(3, N), torch.randn(3, N), torch.randn(3, N)
+    weight, bias = torch.randn(N), torch.randn(N)
+    shifted = [torch.empty(4 * N + 1)[1:].view(4, N) for _ in range(3)]  # 4 bytes off, one row later
+    for buffer, rows in zip(shifted, (x, residual, grad_y)):
+        buffer[1:] = rows
+        buffer[0] = 0.0
+    y, z, mean, rstd, _ = forward_op(x, residual, weight, bias, EPS, 0.0)
+    y_s, z_s, mean_s, rstd_s, _ = forward_op(shifted[0], shifted[1], weight, bias, EPS, 0.0)
+    assert torch.equal(y, y_s[1:])
+    grads = backward_op(grad_y, z, torch.empty(0, 0, dtype=torch.uint8), weight, mean, rstd, 0.0, [0, 3])
+    grads_s = backward_op(shifted[2], z_s, torch.empty(0, 0, dtype=torch.uint8), weight, mean_s, rstd_s, 0.0, [0, 1, 4])
+    assert torch.equal(grads[1], grads_s[1][1:])
+    scores = torch.randn(1, 1, 3, 51)
+    scores_s = torch.empty(1 + 4 * 51)[1:].view(1, 1, 4, 51)
+    scores_s[0, 0, 1:] = scores[0, 0]
+    assert torch.equal(softmax_dropout_cpu(scores, None, 0.3, 0.0)[0],
+                       softmax_dropout_cpu(scores_s, None, 0.3, 0.0)[0][:, :, 1:])

@@ -31,7 +31,7 @@ from . import segmented as _segmented
 from ._triton import can_launch, gpu_unsupported_reason, triton_available
 from .segmented import GradientSegments
 
-__all__ = ["add_layer_norm", "dropout_add_layer_norm", "bias_gelu", "linear", "embedding", "attention",
+__all__ = ["add_layer_norm", "dropout_add_layer_norm", "bias_gelu", "linear_bias_gelu", "linear", "embedding", "attention",
            "varlen_attention", "GradientSegments", "use_triton", "use_cpu_kernels", "triton_available"]
 
 _CHOICES = ("torch", "triton", "auto")
@@ -138,6 +138,16 @@ def attention(q, k, v, mask_bias, dropout_p, scale):
         return _softmax_dropout.attention_cpu(q, k, v, None if mask_bias is None else mask_bias.reshape(B, L),
                                               dropout_p, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias, dropout_p=dropout_p, scale=scale)
+
+
+def linear_bias_gelu(x, weight, bias):
+    """y = GELU(x Wᵀ + b), the exact erf GELU (BERT's FFN up-projection). x: [..., in]; weight:
+    [out, in]; bias: [out]. Where the fused CPU kernels run, the matmul adds the bias (addmm, at no
+    cost) and PyTorch's GELU follows: one pass over [..., out] fewer than a separate bias add.
+    Elsewhere the bias+GELU op adds it (the Triton kernel; under autocast, in float32)."""
+    if use_cpu_kernels(x):
+        return F.gelu(linear(x, weight, bias), approximate="none")
+    return bias_gelu(linear(x, weight), bias)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None):
