@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "dropout_rng.h"
@@ -118,17 +119,25 @@ void check_vector(const at::Tensor& t, const char* name, int64_t n) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+// The [M, N] rows both passes read (x and residual; z and grad_y) and the weight [N]; returns (M, N).
+std::pair<int64_t, int64_t> check_row_inputs(const at::Tensor& rows, const char* rows_name, const at::Tensor& other,
+                                             const char* other_name, const at::Tensor& weight) {
+  TORCH_CHECK(rows.dim() == 2 && rows.size(1) > 0, rows_name,
+              " must be 2-D [rows, features] with features > 0, got shape ", rows.sizes());
+  const int64_t M = rows.size(0), N = rows.size(1);
+  check_rows(rows, rows_name, M, N, at::kFloat);
+  check_rows(other, other_name, M, N, at::kFloat);
+  check_vector(weight, "weight", N);
+  return {M, N};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_cpu(
     const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, const at::Tensor& bias, double eps,
     double dropout_p, const at::Tensor& seed) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, "x must be 2-D [rows, features] with features > 0, got shape ",
-              x.sizes());
-  const int64_t M = x.size(0), N = x.size(1);
-  check_rows(x, "x", M, N, at::kFloat);
-  check_rows(residual, "residual", M, N, at::kFloat);
-  check_vector(weight, "weight", N);
+  const std::pair<int64_t, int64_t> shape = check_row_inputs(x, "x", residual, "residual", weight);
+  const int64_t M = shape.first, N = shape.second;
   check_vector(bias, "bias", N);
   TORCH_CHECK(eps > 0.0 && std::isfinite(eps), "eps must be positive and finite, got ", eps);
   const DropoutSettings s = dropout_settings(dropout_p, seed);
@@ -152,12 +161,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_a
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& z, const at::Tensor& keep, const at::Tensor& weight,
     const at::Tensor& mean, const at::Tensor& rstd, double dropout_p, c10::IntArrayRef row_bounds) {
-  TORCH_CHECK(z.dim() == 2 && z.size(1) > 0, "z must be 2-D [rows, features] with features > 0, got shape ",
-              z.sizes());
-  const int64_t M = z.size(0), N = z.size(1);
-  check_rows(z, "z", M, N, at::kFloat);
-  check_rows(grad_y, "grad_y", M, N, at::kFloat);
-  check_vector(weight, "weight", N);
+  const std::pair<int64_t, int64_t> shape = check_row_inputs(z, "z", grad_y, "grad_y", weight);
+  const int64_t M = shape.first, N = shape.second;
   check_vector(mean, "mean", M);
   check_vector(rstd, "rstd", M);
   // Only the scale and whether a mask applies are read here: the mask itself is `keep`.
