@@ -1,6 +1,6 @@
 // dropout_add_layer_norm(x, residual: [M, N] float32, weight, bias: [N] float32, eps, dropout_p,
 //                        seed: [] int64) -> (y, z: [M, N], mean, rstd: [M] float32, keep: [M, N] uint8)
-// dropout_add_layer_norm_backward(grad_y, z, keep, weight, mean, rstd, dropout_p, row_bounds: int[K + 1])
+// dropout_add_layer_norm_backward(grad_y, z, keep, weight, mean, rstd, dropout_p, row_bounds: int[K + 1] or [])
 //     -> (grad_x, grad_residual: [M, N], grad_weight, grad_bias: [K, N] float32)
 //
 // BERT's "dropout -> add -> LayerNorm" (after the attention output and the FFN) in one pass over each
@@ -10,8 +10,9 @@
 // LayerNorm input gradient
 //     dz = rstd * (g - mean(g) - ẑ * mean(g * ẑ)),   g = dy * weight,  ẑ = (z - mean) * rstd
 // (d_residual = dz, dx = dz * keep / (1 - p)), and the weight and bias gradients dγ = Σ dy ẑ,
-// dβ = Σ dy over the rows of each of the K row ranges [row_bounds[k], row_bounds[k + 1]) (one range
-// for a plain backward; one per task for the segmented multitask pass, see kernels/segmented.py).
+// dβ = Σ dy over the rows of each of the K row ranges [row_bounds[k], row_bounds[k + 1]) (one per
+// task for the segmented multitask pass, see kernels/segmented.py; [] for a plain backward: one
+// range, all rows, a constant that torch.compile can pass when the number of rows is symbolic).
 // The sums are taken over fixed pieces of rows, then over the pieces in order: deterministic
 // whatever the thread count.
 #include <torch/library.h>
@@ -168,15 +169,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_nor
   // Only the scale and whether a mask applies are read here: the mask itself is `keep`.
   const DropoutSettings s = dropout_settings(dropout_p, at::zeros({}, at::kLong));
   if (s.active) check_rows(keep, "keep", M, N, at::kByte);
-  const int64_t K = static_cast<int64_t>(row_bounds.size()) - 1;
-  TORCH_CHECK(K >= 1 && row_bounds[0] == 0 && row_bounds[K] == M,
-              "row_bounds must rise from 0 to the number of rows ", M, ", got ", row_bounds);
+  const std::vector<int64_t> bounds = row_bounds.empty() ? std::vector<int64_t>{0, M} : row_bounds.vec();
+  const int64_t K = static_cast<int64_t>(bounds.size()) - 1;
+  TORCH_CHECK(K >= 1 && bounds[0] == 0 && bounds[K] == M,
+              "row_bounds must rise from 0 to the number of rows ", M, " (or be empty), got ", row_bounds);
   for (int64_t k = 0; k < K; ++k) {
-    TORCH_CHECK(row_bounds[k] <= row_bounds[k + 1], "row_bounds must rise from 0 to the number of rows ", M,
-                ", got ", row_bounds);
+    TORCH_CHECK(bounds[k] <= bounds[k + 1], "row_bounds must rise from 0 to the number of rows ", M, ", got ",
+                row_bounds);
   }
   const std::vector<Piece> pieces =
-      cut_into_pieces(K, kRowsPerPiece, [&](int64_t k) { return std::make_pair(row_bounds[k], row_bounds[k + 1]); });
+      cut_into_pieces(K, kRowsPerPiece, [&](int64_t k) { return std::make_pair(bounds[k], bounds[k + 1]); });
   const int64_t P = static_cast<int64_t>(pieces.size());
   at::Tensor grad_x = at::empty_like(z), grad_residual = at::empty_like(z);
   at::Tensor partial = at::empty({P, 2, N}, z.options());  // per piece: Σ dy ẑ, then Σ dy

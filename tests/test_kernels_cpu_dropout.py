@@ -142,8 +142,9 @@ def test_opcheck():
         args = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
         torch.library.opcheck(torch.ops.mtbert.dropout_add_layer_norm, (*args, EPS, p, seed))
         _, z, mean, rstd, keep = torch.ops.mtbert.dropout_add_layer_norm(x, residual, weight, bias, EPS, p, seed)
-        torch.library.opcheck(torch.ops.mtbert.dropout_add_layer_norm_backward,
-                              (torch.randn_like(x), z, keep, weight, mean, rstd, p, [0, 2, 5]))
+        for row_bounds in ([0, 2, 5], []):
+            torch.library.opcheck(torch.ops.mtbert.dropout_add_layer_norm_backward,
+                                  (torch.randn_like(x), z, keep, weight, mean, rstd, p, row_bounds))
         scores, mask_bias = torch.randn(2, 3, 4, 7), torch.zeros(2, 7)
         torch.library.opcheck(torch.ops.mtbert.softmax_dropout,
                               (scores.clone().requires_grad_(), mask_bias, 0.5, p, seed))
@@ -175,6 +176,21 @@ def test_softmax_dropout_bad_input_names_the_argument(change, argument):
     args = dict(scores=torch.randn(2, 3, 4, 4), mask_bias=torch.zeros(2, 4), scale=1.0, dropout_p=0.1) | change
     with pytest.raises(ValueError, match=argument):
         softmax_dropout_cpu(**args)
+
+
+def test_model_compiles_with_the_fused_kernels_and_dropout():
+    """torch.compile(fullgraph=True) traces the fused ops on both paths (the packed one with a
+    data-dependent token count), in training mode with dropout."""
+    model = _tiny_model()
+    ids = torch.randint(1, 60, (3, 7))
+    mask = (torch.arange(7) < torch.tensor([7, 5, 6])[:, None]).long()
+    for unpad in (False, True):
+        model.unpad = unpad
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            out = torch.compile(model, fullgraph=True, backend="aot_eager")(ids, mask)
+        (out.last_hidden_state.sum() + out.pooler_output.sum()).backward()
+        assert torch.isfinite(out.last_hidden_state).all()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 def test_ops_reject_bad_input_naming_the_argument():

@@ -47,7 +47,7 @@ def _fake_forward(x, residual, weight, bias, eps, dropout_p, seed):
 
 
 def _fake_backward(grad_y, z, keep, weight, mean, rstd, dropout_p, row_bounds):
-    K, N = len(row_bounds) - 1, z.shape[1]
+    K, N = max(len(row_bounds) - 1, 1), z.shape[1]
     return torch.empty_like(z), torch.empty_like(z), z.new_empty(K, N), z.new_empty(K, N)
 
 
@@ -61,7 +61,7 @@ def forward_op(x, residual, weight, bias, eps, dropout_p, seed=None):
 
 def backward_op(grad_y, z, keep, weight, mean, rstd, dropout_p, row_bounds):
     """grad_x, grad_residual [M, N] and the weight and bias gradients [K, N] of the K row ranges
-    [row_bounds[k], row_bounds[k + 1])."""
+    [row_bounds[k], row_bounds[k + 1]); ``row_bounds=[]``: one range, all rows."""
     return torch.ops.mtbert.dropout_add_layer_norm_backward(rows(grad_y), z, keep, weight, mean, rstd, dropout_p,
                                                             list(row_bounds))
 
@@ -75,8 +75,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, grad_z, grad_mean, grad_rstd, grad_keep):  # only y is differentiated
     z, keep, weight, mean, rstd = ctx.saved_tensors
-    grad_x, grad_residual, grad_weight, grad_bias = backward_op(grad_y, z, keep, weight, mean, rstd, ctx.dropout_p,
-                                                                [0, z.shape[0]])
+    grad_x, grad_residual, grad_weight, grad_bias = backward_op(grad_y, z, keep, weight, mean, rstd, ctx.dropout_p, [])
     return grad_x, grad_residual, grad_weight[0], grad_bias[0], None, None, None
 
 
