@@ -14,7 +14,7 @@ namespace mtbert {
 
 // The vectors only live in registers of always-inlined code, never cross a call, so the ABI of
 // passing them by value (which GCC warns about where AVX-512 is not enabled) never applies. Only
-// the two kernel files include this header.
+// the kernel files include this header.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 typedef float Floats8 __attribute__((vector_size(32)));
@@ -46,6 +46,26 @@ MTBERT_ALWAYS_INLINE void stream_as_float(float* p, const Doubles8& v) {
 #else
   std::memcpy(p, &f, sizeof f);
 #endif
+}
+
+// Σ term(i) for i in [0, n) over 16 fixed lanes (lane i % 16), then the lanes in a fixed order: a
+// vectorized sum whose rounding does not depend on where the data lies. (GCC peels the first
+// iterations of an `omp simd reduction` loop to align its loads, so two equal rows in two buffers
+// could sum differently, and e.g. SBERT's |u - v| of two equal sentences would not be exactly 0.)
+template <typename Term>
+MTBERT_ALWAYS_INLINE float lane_sum(int64_t n, const Term& term) {
+  constexpr int64_t kSumLanes = 16;
+  float lanes[kSumLanes] = {};
+  int64_t i = 0;
+  for (; i + kSumLanes <= n; i += kSumLanes) {
+#pragma GCC unroll 16
+    for (int64_t l = 0; l < kSumLanes; ++l) lanes[l] += term(i + l);
+  }
+  for (int64_t l = 0; i + l < n; ++l) lanes[l] += term(i + l);
+  for (int64_t width = kSumLanes / 2; width > 0; width /= 2) {
+    for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  }
+  return lanes[0];
 }
 
 inline void streaming_stores_done() {

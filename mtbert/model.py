@@ -100,7 +100,7 @@ class BertSelfAttention(nn.Module):
         query, key, value = (nn.Linear(config.hidden_size, config.hidden_size) for _ in _QKV_NAMES)
         self.qkv_weight = nn.Parameter(torch.cat([query.weight, key.weight, value.weight]).detach())
         self.qkv_bias = nn.Parameter(torch.cat([query.bias, key.bias, value.bias]).detach())
-        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)  # its p goes to the attention kernels
         self._register_state_dict_hook(_split_qkv)
         self._register_load_state_dict_pre_hook(_fuse_qkv)
 
@@ -113,10 +113,9 @@ class BertSelfAttention(nn.Module):
         B, L, H = x.shape
         qkv = kernels.linear(x, self.qkv_weight, self.qkv_bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, L, head_dim) each, views
-        # With dropout, SDPA on the CPU runs matmul-softmax-dropout-matmul and draws the same random
-        # numbers as Hugging Face's eager attention (tests/test_model.py holds it to that).
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias, dropout_p=self._dropout_p(),
-                                                 scale=1.0 / math.sqrt(self.head_dim))  # (B, heads, L, head_dim)
+        # SDPA, or with dropout on the CPU matmul, fused softmax+dropout, matmul (see kernels.attention).
+        context = kernels.attention(q, k, v, mask_bias, self._dropout_p(),
+                                    scale=1.0 / math.sqrt(self.head_dim))  # (B, heads, L, head_dim)
         return context.transpose(1, 2).reshape(B, L, H)
 
     def _forward_packed(self, x, packed: PackedSequences):
@@ -129,7 +128,12 @@ class BertSelfAttention(nn.Module):
         return context.reshape(T, H)
 
     def _dropout_p(self):
-        return self.dropout.p if self.training else 0.0
+        return _dropout_p(self.dropout, self.training)
+
+
+def _dropout_p(dropout: nn.Dropout, training: bool) -> float:
+    """The probability a kernel with dropout applies: the module's in training mode, else 0."""
+    return dropout.p if training else 0.0
 
 
 def hugging_face_named(name, tensor):
@@ -168,11 +172,12 @@ class BertSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)  # applied by the fused kernel, not called
 
     def forward(self, x, residual):
-        x = self.dropout(kernels.linear(x, self.dense.weight, self.dense.bias))
-        return kernels.add_layer_norm(x, residual, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
+        return kernels.dropout_add_layer_norm(kernels.linear(x, self.dense.weight, self.dense.bias), residual,
+                                              self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
+                                              _dropout_p(self.dropout, self.training))
 
 
 class BertAttention(nn.Module):
@@ -191,8 +196,7 @@ class BertIntermediate(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
 
     def forward(self, x):
-        # The bias is added inside the fused bias+GELU op rather than by the matmul.
-        return kernels.bias_gelu(kernels.linear(x, self.dense.weight), self.dense.bias)
+        return kernels.linear_bias_gelu(x, self.dense.weight, self.dense.bias)
 
 
 class BertOutput(nn.Module):
@@ -200,11 +204,12 @@ class BertOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)  # applied by the fused kernel, not called
 
     def forward(self, x, residual):
-        x = self.dropout(kernels.linear(x, self.dense.weight, self.dense.bias))
-        return kernels.add_layer_norm(x, residual, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
+        return kernels.dropout_add_layer_norm(kernels.linear(x, self.dense.weight, self.dense.bias), residual,
+                                              self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
+                                              _dropout_p(self.dropout, self.training))
 
 
 class BertLayer(nn.Module):

@@ -144,9 +144,12 @@ def test_seeded_initialisation_equals_transformers(hidden):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_dropout_placement_matches_transformers(path):
+def test_dropout_placement_matches_transformers(path, monkeypatch):
     """With the same RNG state, training-mode outputs agree only if every dropout is applied at
-    the same place, to the same shape, in the same order as in Hugging Face."""
+    the same place, to the same shape, in the same order as in Hugging Face. The PyTorch ops
+    (MTBERT_KERNELS=torch) draw from torch's stream as Hugging Face does; the fused CPU kernels
+    draw their own masks (tests/test_kernels_cpu_dropout.py)."""
+    monkeypatch.setenv("MTBERT_KERNELS", "torch")
     config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=128, max_position_embeddings=32,
                         hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.2)

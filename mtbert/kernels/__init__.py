@@ -3,8 +3,10 @@
 Model code calls only the functions below; which implementation runs is decided here and nowhere
 else: the Triton kernels on CUDA tensors when Triton is installed, the PyTorch path otherwise
 (and for bfloat16 on GPUs older than compute capability 8.0, which the kernels cannot serve).
+On the CPU, float32 outside autocast, the ops with dropout run the fused C++ kernels of the
+extension (``dropout_add_layer_norm``, ``attention``'s softmax and dropout) when it is built.
 The environment variable ``MTBERT_KERNELS`` (read at each call) forces one: ``torch`` always runs
-PyTorch; ``triton`` always runs Triton, which on CPU tensors needs ``TRITON_INTERPRET=1`` set
+PyTorch (and ``F.dropout``, whose random stream Hugging Face's models share); ``triton`` always runs Triton, which on CPU tensors needs ``TRITON_INTERPRET=1`` set
 before mtbert is imported (Triton's interpreter, how the tests run the kernels without a GPU).
 Triton itself is optional: without it everything runs in PyTorch. The Triton ops are PyTorch
 custom ops (``torch.ops.mtbert.*``, registered in each op module), so torch.compile traces them
@@ -19,30 +21,45 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .. import _extension
 from . import attention as _attention
 from . import bias_gelu as _bias_gelu
+from . import dropout_add_layer_norm as _dropout_add_layer_norm
 from . import layer_norm as _layer_norm
+from . import softmax_dropout as _softmax_dropout
 from . import segmented as _segmented
 from ._triton import can_launch, gpu_unsupported_reason, triton_available
 from .segmented import GradientSegments
 
-__all__ = ["add_layer_norm", "bias_gelu", "linear", "embedding", "varlen_attention", "GradientSegments",
-           "use_triton", "triton_available"]
+__all__ = ["add_layer_norm", "dropout_add_layer_norm", "bias_gelu", "linear_bias_gelu", "linear", "embedding", "attention",
+           "varlen_attention", "GradientSegments", "use_triton", "use_cpu_kernels", "triton_available"]
 
 _CHOICES = ("torch", "triton", "auto")
 
 
-def use_triton(tensor) -> bool:
-    """Whether the ops run their Triton kernels for ``tensor`` (see the module docstring)."""
+def _choice() -> str:
     choice = os.environ.get("MTBERT_KERNELS", "auto").lower() or "auto"
     if choice not in _CHOICES:
         raise ValueError(f"MTBERT_KERNELS must be one of {_CHOICES}, got {choice!r}")
+    return choice
+
+
+def use_triton(tensor) -> bool:
+    """Whether the ops run their Triton kernels for ``tensor`` (see the module docstring)."""
+    choice = _choice()
     if choice == "torch":
         return False
     if choice == "triton":
         return True  # the op raises a clear error if the kernel cannot run here
     # e.g. bfloat16 on a pre-Ampere GPU falls back to PyTorch
     return tensor.is_cuda and can_launch(tensor) and gpu_unsupported_reason(tensor) is None
+
+
+def use_cpu_kernels(tensor) -> bool:
+    """Whether the ops run the extension's fused CPU kernels for ``tensor``: float32 on the CPU,
+    outside autocast, the extension built, ``MTBERT_KERNELS`` unset or ``auto``."""
+    return (_choice() == "auto" and tensor.device.type == "cpu" and tensor.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and _extension.available())
 
 
 def _segments_for(*params):
@@ -88,6 +105,17 @@ def add_layer_norm(x, residual, weight, bias, eps):
     return _layer_norm.add_layer_norm_reference(x, residual, weight, bias, eps)
 
 
+def dropout_add_layer_norm(x, residual, weight, bias, eps, dropout_p):
+    """y = LayerNorm(dropout(x) + residual) over the last dimension; ``dropout_p`` is the dropout
+    probability (pass 0 in eval mode). x, residual: [..., N] of one shape; weight, bias: [N]."""
+    if use_cpu_kernels(x) and residual.shape == x.shape and residual.dtype == x.dtype:
+        segments = _segments_for(weight, bias)
+        if segments is not None:
+            return _segmented.dropout_add_layer_norm(x, residual, weight, bias, eps, dropout_p, segments)
+        return _dropout_add_layer_norm.dropout_add_layer_norm_cpu(x, residual, weight, bias, eps, dropout_p)
+    return add_layer_norm(F.dropout(x, dropout_p) if dropout_p > 0 else x, residual, weight, bias, eps)
+
+
 def bias_gelu(x, bias):
     """y = GELU(x + bias), the exact erf GELU. x: [..., N]; bias: [N]."""
     segments = _segments_for(bias)
@@ -100,6 +128,28 @@ def bias_gelu(x, bias):
     return _bias_gelu.bias_gelu_reference(x, bias)
 
 
+def attention(q, k, v, mask_bias, dropout_p, scale):
+    """softmax(q kᵀ · scale + mask_bias) v with dropout ``dropout_p`` on the probabilities (pass 0
+    in eval mode). q, k, v: [B, heads, L, head_dim] (views are fine); mask_bias: None (every key is
+    real) or [B, 1, 1, L] additive. With dropout on the CPU, the fused softmax+dropout kernel
+    between two matmuls (SDPA's CPU path with dropout is the unfused math); otherwise SDPA."""
+    if dropout_p > 0 and use_cpu_kernels(q) and (mask_bias is None or mask_bias.dtype == q.dtype):
+        B, _, L, _ = q.shape
+        return _softmax_dropout.attention_cpu(q, k, v, None if mask_bias is None else mask_bias.reshape(B, L),
+                                              dropout_p, scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias, dropout_p=dropout_p, scale=scale)
+
+
+def linear_bias_gelu(x, weight, bias):
+    """y = GELU(x Wᵀ + b), the exact erf GELU (BERT's FFN up-projection). x: [..., in]; weight:
+    [out, in]; bias: [out]. Where the fused CPU kernels run, the matmul adds the bias (addmm, at no
+    cost) and PyTorch's GELU follows: one pass over [..., out] fewer than a separate bias add.
+    Elsewhere the bias+GELU op adds it (the Triton kernel; under autocast, in float32)."""
+    if use_cpu_kernels(x):
+        return F.gelu(linear(x, weight, bias), approximate="none")
+    return bias_gelu(linear(x, weight), bias)
+
+
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None):
     """Self-attention within each of B packed sequences. q, k, v: [T, heads, head_dim];
     cu_seqlens: [B + 1] int32 token offsets; max_seqlen: an int >= every length. Dropout with
@@ -108,5 +158,6 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
     if use_triton(q):  # the kernels read [T, heads, head_dim] rows densely
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         return _attention.varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
-    return _attention.varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+    return _attention.varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                                             fused_softmax_dropout=use_cpu_kernels(q))
 

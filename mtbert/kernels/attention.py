@@ -21,8 +21,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ._dropout_seed import seed_tensor
 from ._triton import (FLOAT_DTYPES, attention_blocks, check_finite, check_launchable, check_tensor, dot_in_float32,
                       dot_precision, jit, tl, triton)
+from .softmax_dropout import attention_cpu
 
 _LOG2E = 1.4426950408889634
 _TORCH_DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -337,23 +339,16 @@ def _attention_backward(ctx, grad_out, grad_lse):  # lse is an internal output: 
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
-def _seed_tensor(seed, dropout_p):
-    """The op's seed: ``seed`` as a tensor, else drawn from the CPU generator (seeded by
-    torch.manual_seed, no GPU sync) when there is dropout."""
-    if seed is None:
-        return torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
-    return torch.tensor(seed, dtype=torch.int64)
-
-
 def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, seed=None):
     """Packed attention with autograd (Triton, as the custom op mtbert::varlen_attention). See
     :func:`attention_forward`; ``seed`` (an int) fixes the dropout mask."""
     _check_inputs(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    return _attention_op(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, _seed_tensor(seed, dropout_p))[0]
+    return _attention_op(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed_tensor(seed, dropout_p))[0]
 
 
-def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None):
+def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                           fused_softmax_dropout=False):
     """Packed attention in PyTorch, the CPU path: the packed q, k, v are padded to [B, max_seqlen]
     for attention only, and the real rows gathered back. On 2 CPU cores (MiniLM shapes, see
     benchmarks/README.md) this was as fast as one SDPA call per length bucket on a quiet machine
@@ -364,20 +359,23 @@ def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softm
 
     Without dropout it is ``scaled_dot_product_attention`` with a key mask; with dropout, the plain
     matmul-softmax-dropout-matmul, i.e. Hugging Face's eager attention, whose dropout draws the
-    same random numbers in the same order (within one run)."""
+    same random numbers in the same order (within one run). With ``fused_softmax_dropout`` (float32
+    only), the softmax and dropout between the two matmuls are the extension's fused CPU op instead
+    (:mod:`softmax_dropout`; its own random stream)."""
     _check_inputs(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, _TORCH_DTYPES, contiguous=False)
+    attend = functools.partial(_padded_varlen_attention, fused_softmax_dropout=fused_softmax_dropout)
     if torch.compiler.is_compiling():  # the runs depend on the lengths' values: one run in a graph
-        return _padded_varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+        return attend(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
     lengths = cu_seqlens.diff().tolist()
     groups = padding_groups(tuple(lengths))
     if len(groups) == 1:
-        return _padded_varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+        return attend(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
     bounds = cu_seqlens.tolist()
     sizes = [bounds[end] - bounds[begin] for begin, end in groups]
     pieces = zip(groups, q.split(sizes), k.split(sizes), v.split(sizes))  # split's backward is one cat
     return torch.cat([
-        _padded_varlen_attention(q_g, k_g, v_g, cu_seqlens[begin:end + 1] - bounds[begin], max(lengths[begin:end]),
-                                 dropout_p, softmax_scale)
+        attend(q_g, k_g, v_g, cu_seqlens[begin:end + 1] - bounds[begin], max(lengths[begin:end]), dropout_p,
+               softmax_scale)
         for (begin, end), q_g, k_g, v_g in pieces])
 
 
@@ -411,7 +409,7 @@ def padding_groups(lengths: tuple) -> tuple:
     return tuple(reversed(groups))
 
 
-def _padded_varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
+def _padded_varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, fused_softmax_dropout):
     T, heads, head_dim = q.shape
     B = cu_seqlens.numel() - 1
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
@@ -425,8 +423,11 @@ def _padded_varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax
     q_p, k_p, v_p = padded(q), padded(k), padded(v)
     if dropout_p > 0:
         mask_bias = torch.zeros(key_ok.shape, dtype=q.dtype, device=q.device).masked_fill_(~key_ok, torch.finfo(q.dtype).min)
-        scores = q_p @ k_p.transpose(-1, -2) * scale + mask_bias[:, None, None, :]  # (B, heads, L, L)
-        context = F.dropout(torch.softmax(scores, dim=-1), dropout_p) @ v_p
+        if fused_softmax_dropout:
+            context = attention_cpu(q_p, k_p, v_p, mask_bias, dropout_p, scale)
+        else:
+            scores = q_p @ k_p.transpose(-1, -2) * scale + mask_bias[:, None, None, :]  # (B, heads, L, L)
+            context = F.dropout(torch.softmax(scores, dim=-1), dropout_p) @ v_p
     else:
         context = F.scaled_dot_product_attention(q_p, k_p, v_p, attn_mask=key_ok[:, None, None, :], scale=scale)
     return context.transpose(1, 2)[rows, positions]  # (T, heads, head_dim)

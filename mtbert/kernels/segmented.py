@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import bias_gelu as _bias_gelu
+from . import dropout_add_layer_norm as _dropout_add_layer_norm
 from . import layer_norm as _layer_norm
 
 _CURRENT: contextvars.ContextVar = contextvars.ContextVar("mtbert_gradient_segments", default=None)
@@ -243,6 +244,38 @@ def add_layer_norm(x, residual, weight, bias, eps, segments: GradientSegments, u
     if residual is not None and not use_triton:
         residual = residual.expand_as(x)  # a broadcast residual's gradient is reduced by autograd
     return _SegmentedAddLayerNorm.apply(x, residual, weight, bias, eps, segments, use_triton)
+
+
+# -- dropout + add + LayerNorm (the CPU kernel) ---------------------------------------------------
+
+class _SegmentedDropoutAddLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, dropout_p, segments):
+        ctx.ranges = segments.ranges(x.numel() // x.shape[-1])
+        ctx.destinations = segments.destinations_of(weight), segments.destinations_of(bias)
+        ctx.dropout_p = dropout_p
+        y, z, mean, rstd, keep = _dropout_add_layer_norm.forward_op(x, residual, weight, bias, eps, dropout_p)
+        ctx.save_for_backward(z, keep, weight, mean, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        z, keep, weight, mean, rstd = ctx.saved_tensors
+        row_bounds = [begin for begin, _ in ctx.ranges] + [ctx.ranges[-1][1]]
+        grad_x, grad_residual, grad_weight, grad_bias = _dropout_add_layer_norm.backward_op(
+            grad_y, z, keep, weight, mean, rstd, ctx.dropout_p, row_bounds)
+        for destinations, grads in zip(ctx.destinations, (grad_weight, grad_bias)):
+            if destinations is not None:
+                for k, (begin, end) in enumerate(ctx.ranges):
+                    if begin != end:
+                        _accumulate(destinations[k], grads[k])
+        return grad_x.view(grad_y.shape), grad_residual.view(grad_y.shape), None, None, None, None, None
+
+
+def dropout_add_layer_norm(x, residual, weight, bias, eps, dropout_p, segments: GradientSegments):
+    """y = LayerNorm(dropout(x) + residual) with the extension's CPU kernel (float32, residual of
+    x's shape), its weight and bias gradients split by segment in the kernel's backward."""
+    return _SegmentedDropoutAddLayerNorm.apply(x, residual, weight, bias, eps, dropout_p, segments)
 
 
 # -- bias + GELU ----------------------------------------------------------------------------------

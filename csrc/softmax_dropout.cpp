@@ -1,0 +1,177 @@
+// softmax_dropout(scores: [B, H, Lq, Lk] float32, mask_bias: [B, Lk] float32, scale, dropout_p,
+//                 seed: [] int64) -> (out, probs: [B, H, Lq, Lk] float32, keep: [B, H, Lq, Lk] uint8)
+// softmax_dropout_backward(grad_out, probs, keep, scale, dropout_p) -> grad_scores
+//
+// The middle of attention with dropout, softmax(scores · scale + mask_bias) then dropout, in one pass
+// over each row of scores (PyTorch's CPU attention with dropout runs it as five ops: scale, add the
+// mask, softmax, draw a bernoulli mask, multiply). mask_bias holds one additive value per key of each
+// sequence (0 to attend; Hugging Face's most negative finite float to skip, so that a row without
+// any key softmaxes to uniform, not NaN). out = probs · keep / (1 - p); the mask comes from
+// dropout_rng.h. Backward: dP = dout · keep / (1 - p), dS = scale · probs · (dP - Σ_j probs dP).
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "dropout_rng.h"
+#include "flat_buffer.h"
+#include "float_vectors.h"
+
+namespace mtbert {
+
+namespace {
+
+constexpr uint32_t kSoftmaxStream = 2;
+
+// exp(x) for the x <= 0 of a softmax (scores minus their maximum), in a form GCC vectorizes (std::exp
+// does not vectorize without -ffast-math): Cephes' expf, x = n ln 2 + r with |r| <= ln 2 / 2 and a
+// degree-6 polynomial in r, within 2 ulp of exp. Below the smallest normal float's logarithm the
+// result is 0, as a masked key's (mask_bias = the most negative float) must be.
+MTBERT_ALWAYS_INLINE float exp_nonpositive(float x) {
+  constexpr float kLog2e = 1.44269504088896341f, kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const float clamped = std::max(x, -87.0f);
+  const float n = (clamped * kLog2e + kRound) - kRound;
+  const float r = clamped - n * kLn2High - n * kLn2Low;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  float two_to_n;
+  std::memcpy(&two_to_n, &bits, sizeof two_to_n);
+  return x < -87.0f ? 0.0f : p * two_to_n;
+}
+
+MTBERT_VECTOR_CLONES
+void softmax_dropout_rows(const float* scores, const float* mask_bias, float* out, float* probs, const uint8_t* keep,
+                          int64_t begin, int64_t end, int64_t rows_per_sequence, int64_t L, float scale,
+                          DropoutSettings s) {
+  for (int64_t row = begin; row < end; ++row) {
+    const float* s_r = scores + row * L;
+    const float* bias = mask_bias + (row / rows_per_sequence) * L;
+    float* p_r = probs + row * L;
+    float* o_r = out + row * L;
+    float high = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : high)
+    for (int64_t c = 0; c < L; ++c) {
+      p_r[c] = s_r[c] * scale + bias[c];
+      high = std::max(high, p_r[c]);
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < L; ++c) p_r[c] = exp_nonpositive(p_r[c] - high);
+    const float sum = lane_sum(L, [&](int64_t c) { return p_r[c]; });
+    const float inverse = 1.0f / sum;
+    if (s.active) {
+      const uint8_t* keep_r = keep + row * L;
+      const float kept = inverse * s.scale;
+#pragma omp simd
+      for (int64_t c = 0; c < L; ++c) {
+        const float p = p_r[c] * inverse;
+        o_r[c] = p_r[c] * (static_cast<float>(keep_r[c]) * kept);
+        p_r[c] = p;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < L; ++c) o_r[c] = p_r[c] = p_r[c] * inverse;
+    }
+  }
+}
+
+MTBERT_VECTOR_CLONES
+void softmax_dropout_backward_rows(const float* grad_out, const float* probs, const uint8_t* keep, float* grad_scores,
+                                   int64_t begin, int64_t end, int64_t L, float scale, DropoutSettings s) {
+  for (int64_t row = begin; row < end; ++row) {
+    const float* g = grad_out + row * L;
+    const float* p = probs + row * L;
+    float* d = grad_scores + row * L;
+    if (s.active) {
+      const uint8_t* keep_r = keep + row * L;
+#pragma omp simd
+      for (int64_t c = 0; c < L; ++c) d[c] = g[c] * (static_cast<float>(keep_r[c]) * s.scale);  // dP, then dS in place
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < L; ++c) d[c] = g[c];
+    }
+    const float dot = lane_sum(L, [&](int64_t c) { return p[c] * d[c]; });
+#pragma omp simd
+    for (int64_t c = 0; c < L; ++c) d[c] = scale * p[c] * (d[c] - dot);
+  }
+}
+
+void check_scores(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// Rows of scores handed to one thread at a time: a few kB of work each.
+constexpr int64_t kRowGrain = 16;
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_dropout_cpu(const at::Tensor& scores,
+                                                                   const at::Tensor& mask_bias, double scale,
+                                                                   double dropout_p, const at::Tensor& seed) {
+  TORCH_CHECK(scores.dim() == 4 && scores.size(3) > 0,
+              "scores must be 4-D [batch, heads, queries, keys] with keys > 0, got shape ", scores.sizes());
+  check_scores(scores, "scores", scores.sizes(), at::kFloat);
+  const int64_t B = scores.size(0), L = scores.size(3);
+  check_scores(mask_bias, "mask_bias", {B, L}, at::kFloat);
+  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  const DropoutSettings s = dropout_settings(dropout_p, seed);
+  at::Tensor out = at::empty_like(scores), probs = at::empty_like(scores);
+  at::Tensor keep = at::empty(s.active ? scores.sizes() : at::IntArrayRef({0}), scores.options().dtype(at::kByte));
+  const int64_t rows = scores.numel() / L, rows_per_sequence = scores.size(1) * scores.size(2);
+  const float* s_p = scores.data_ptr<float>();
+  const float* bias_p = mask_bias.data_ptr<float>();
+  float *out_p = out.data_ptr<float>(), *probs_p = probs.data_ptr<float>();
+  uint8_t* keep_p = s.active ? keep.data_ptr<uint8_t>() : nullptr;
+  if (s.active) fill_keep_mask(keep_p, scores.numel(), kSoftmaxStream, s);
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    softmax_dropout_rows(s_p, bias_p, out_p, probs_p, keep_p, begin, end, rows_per_sequence, L,
+                         static_cast<float>(scale), s);
+  });
+  return {out, probs, keep};
+}
+
+at::Tensor softmax_dropout_backward_cpu(const at::Tensor& grad_out, const at::Tensor& probs, const at::Tensor& keep,
+                                        double scale, double dropout_p) {
+  TORCH_CHECK(probs.dim() == 4 && probs.size(3) > 0,
+              "probs must be 4-D [batch, heads, queries, keys] with keys > 0, got shape ", probs.sizes());
+  check_scores(probs, "probs", probs.sizes(), at::kFloat);
+  check_scores(grad_out, "grad_out", probs.sizes(), at::kFloat);
+  // Only the scale and whether a mask applies are read here: the mask itself is `keep`.
+  const DropoutSettings s = dropout_settings(dropout_p, at::zeros({}, at::kLong));
+  if (s.active) check_scores(keep, "keep", probs.sizes(), at::kByte);
+  const int64_t L = probs.size(3), rows = probs.numel() / L;
+  at::Tensor grad_scores = at::empty_like(probs);
+  const float *g_p = grad_out.data_ptr<float>(), *p_p = probs.data_ptr<float>();
+  const uint8_t* keep_p = s.active ? keep.data_ptr<uint8_t>() : nullptr;
+  float* d_p = grad_scores.data_ptr<float>();
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    softmax_dropout_backward_rows(g_p, p_p, keep_p, d_p, begin, end, L, static_cast<float>(scale), s);
+  });
+  return grad_scores;
+}
+
+TORCH_LIBRARY_FRAGMENT(mtbert, m) {
+  m.def("softmax_dropout(Tensor scores, Tensor mask_bias, float scale, float dropout_p, Tensor seed) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("softmax_dropout_backward(Tensor grad_out, Tensor probs, Tensor keep, float scale, float dropout_p) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mtbert, CPU, m) {
+  m.impl("softmax_dropout", &softmax_dropout_cpu);
+  m.impl("softmax_dropout_backward", &softmax_dropout_backward_cpu);
+}
+
+}  // namespace mtbert
