@@ -81,7 +81,7 @@ def _sharded_step(trainer, clock):
     reduce_gram = path.sharded.all_reduce_gram
     path.sharded.all_reduce_gram = lambda gram: clock.time("Gram all-reduce", reduce_gram, gram)
     combine_started = clock.seconds["Gram all-reduce"]
-    clock.time("Gram + combine", path.sharded.combine, path.method, generator=path.generator)
+    clock.time("Gram + combine", path.sharded.combine, path.weighting)
     clock.seconds["Gram + combine"] -= clock.seconds["Gram all-reduce"] - combine_started
     path.sharded.all_reduce_gram = reduce_gram
     clock.time("optimizer", path.optimizer.step)
@@ -96,7 +96,7 @@ def _plain_step(trainer, optimizer, clock):
     if distributed.is_distributed():
         clock.time("waiting for the slowest rank", dist.barrier)
         clock.time("reduce-scatter", dist.all_reduce, path.flat.grads)
-    clock.time("Gram + combine", path.flat.combine, path.method, generator=path.generator)
+    clock.time("Gram + combine", path.flat.combine, path.weighting)
     clock.time("optimizer", optimizer.step)
 
 
