@@ -9,8 +9,7 @@ import torch
 
 from .. import distributed
 from ..kernels import GradientSegments
-from ..optim import ALIGNMENT, FlatParameters, FusedAdamW, GradientCombination, make_weighting
-from ..optim._ops import gradient_gram
+from ..optim import ALIGNMENT, FlatParameters, FusedAdamW, make_weighting
 from ..optim.combine import gradient_cosines
 from ..optim.loss_weighting import LOSS_WEIGHTINGS, make_loss_weighting
 
@@ -210,11 +209,8 @@ class DistributedGradientPath(GradientPath):
     def _cosines(self):
         """From the global Gram: the step's own, or (for a method that needs none, e.g. "sum") the
         shard's partial Gram all-reduced; every rank calls it, as every rank builds the record."""
-        combination = self.last_combination
-        if combination.gram is None:
-            gram = self.sharded.all_reduce_gram(gradient_gram(self.sharded.rows, self.sharded.boundaries)).cpu()
-            combination = GradientCombination(gram, combination.weights)
-        return combination.cosine(0)
+        return gradient_cosines(self.sharded.rows, self.sharded.boundaries, self.last_combination,
+                                reduce_gram=self.sharded.all_reduce_gram)
 
     def agree(self, step_losses, stop_requested):
         """The global losses of the step (each rank's share-weighted losses summed), or None on every

@@ -68,12 +68,14 @@ class GradientCombination:
 
 
 def gradient_cosines(grads: torch.Tensor, boundaries: Optional[Sequence[int]] = None,
-                     combination: Optional[GradientCombination] = None) -> torch.Tensor:
+                     combination: Optional[GradientCombination] = None,
+                     reduce_gram: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """[K, K] cosine similarities of the task gradients on the first segment (the shared one), from
-    ``combination``'s Gram when it has one, else from a Gram pass over ``grads``."""
+    ``combination``'s Gram when it has one, else from a Gram pass over ``grads`` (``reduce_gram``:
+    as in :func:`combine_gradients`, when ``grads`` is one column shard of a larger buffer)."""
     if combination is None or combination.gram is None:
-        combination = GradientCombination(_ops.gradient_gram(grads, [0, grads.shape[1]] if boundaries is None
-                                                             else list(boundaries)).cpu(), torch.empty(0))
+        gram = _ops.gradient_gram(grads, [0, grads.shape[1]] if boundaries is None else list(boundaries))
+        combination = GradientCombination((gram if reduce_gram is None else reduce_gram(gram)).cpu(), torch.empty(0))
     return combination.cosine(0)
 
 
