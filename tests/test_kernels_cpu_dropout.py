@@ -15,6 +15,10 @@ pytestmark = pytest.mark.skipif(not _extension.available(), reason="needs the co
 
 EPS = 1e-12
 TOL = dict(atol=2e-5, rtol=2e-5)
+# bfloat16 (CPU autocast): inputs are widened exactly and every sum is float32, so a result stored in
+# float32 meets the float64 reference as tightly as the float32 kernel does; one stored in bfloat16 is
+# off by its single rounding, at most 2^-9 relative (the atol covers values near zero).
+BF16_TOL = dict(atol=1e-4, rtol=2**-8)
 
 
 def _seed_drawn_after(manual_seed):
@@ -34,9 +38,12 @@ LN_SHAPES = [(1, 1), (1, 3), (2, 5), (7, 17), (33, 129), (4, 768), (2, 3, 23)]
 
 @pytest.mark.parametrize("shape", LN_SHAPES, ids=str)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1, 0.5])
-def test_dropout_add_layer_norm_matches_float64_with_its_own_mask(shape, dropout_p):
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dropout_add_layer_norm_matches_float64_with_its_own_mask(shape, dropout_p, x_dtype):
+    """bfloat16 x: a linear layer's output beside the float32 residual (CPU autocast); y stays
+    float32, x's gradient is bfloat16. The reference runs in float64 on the same (rounded) x."""
     N = shape[-1]
-    x, residual = torch.randn(shape), torch.randn(shape)
+    x, residual = torch.randn(shape).to(x_dtype), torch.randn(shape)
     weight, bias = 1 + 0.3 * torch.randn(N), 0.3 * torch.randn(N)
     seed = _seed_drawn_after(11)
     keep = forward_op(x, residual, weight, bias, EPS, dropout_p, seed=seed)[4]
@@ -50,8 +57,10 @@ def test_dropout_add_layer_norm_matches_float64_with_its_own_mask(shape, dropout
     grad_y = torch.randn(shape)
     y.backward(grad_y)
     y_ref.backward(grad_y.double())
+    assert y.dtype == torch.float32 and ours[0].grad.dtype == x_dtype
     for name, a, b in zip(("x", "residual", "weight", "bias"), ours, reference):
-        torch.testing.assert_close(a.grad.double(), b.grad, **TOL, msg=lambda m: f"d{name}: {m}")
+        tol = BF16_TOL if a.grad.dtype == torch.bfloat16 else TOL
+        torch.testing.assert_close(a.grad.double(), b.grad, **tol, msg=lambda m: f"d{name}: {m}")
 
 
 def test_dropout_add_layer_norm_weight_gradients_split_by_row_ranges():
@@ -264,37 +273,6 @@ def test_equal_rows_give_equal_results_wherever_they_lie():
     assert torch.equal(softmax_dropout_cpu(scores, None, 0.3, 0.0)[0],
                        softmax_dropout_cpu(scores_s, None, 0.3, 0.0)[0][:, :, 1:])
 
-
-# bfloat16 (CPU autocast): inputs are widened exactly and every sum is float32, so a result stored in
-# float32 meets the float64 reference as tightly as the float32 kernel does; one stored in bfloat16 is
-# off by its single rounding, at most 2^-9 relative (the atol covers values near zero).
-BF16_TOL = dict(atol=1e-4, rtol=2**-8)
-
-
-@pytest.mark.parametrize("shape", [(1, 1), (2, 5), (7, 17), (3, 2, 384)], ids=str)
-@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
-def test_dropout_add_layer_norm_takes_bfloat16_x(shape, dropout_p):
-    """A linear layer's bfloat16 output beside the float32 residual (CPU autocast): y float32, x's
-    gradient bfloat16, against float64 on the same (bfloat16) x and the kernel's own mask."""
-    N = shape[-1]
-    x, residual = torch.randn(shape).bfloat16(), torch.randn(shape)
-    weight, bias = 1 + 0.3 * torch.randn(N), 0.3 * torch.randn(N)
-    keep = forward_op(x, residual, weight, bias, EPS, dropout_p, seed=_seed_drawn_after(4))[4]
-    keep = keep.view(shape).bool() if dropout_p > 0 else torch.ones(shape, dtype=torch.bool)
-    ours = _leaves(x, residual, weight, bias)
-    torch.manual_seed(4)
-    y = dropout_add_layer_norm_cpu(*ours, EPS, dropout_p)
-    assert y.dtype == torch.float32
-    reference = _leaves(x, residual, weight, bias, dtype=torch.float64)
-    y_ref = dropout_add_layer_norm_reference(*reference, EPS, dropout_p, keep=keep)
-    torch.testing.assert_close(y.double(), y_ref, **TOL)
-    grad_y = torch.randn(shape)
-    y.backward(grad_y)
-    y_ref.backward(grad_y.double())
-    assert ours[0].grad.dtype == torch.bfloat16 and ours[1].grad.dtype == torch.float32
-    torch.testing.assert_close(ours[0].grad.double(), reference[0].grad, **BF16_TOL)
-    for name, a, b in zip(("residual", "weight", "bias"), ours[1:], reference[1:]):
-        torch.testing.assert_close(a.grad.double(), b.grad, **TOL, msg=lambda m: f"d{name}: {m}")
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 5, 3), (2, 12, 51, 51)], ids=str)
