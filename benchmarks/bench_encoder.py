@@ -18,13 +18,14 @@ Each row records the GEMM FLOPs it executes (:func:`executed_gemm_flops`, formul
 timing, each eager row's output at the real tokens (eval mode) is checked against transformers'.
 
     pytest benchmarks/bench_encoder.py -o python_files='bench_*.py' [--benchmark-json=out.json]
-    python benchmarks/bench_encoder.py [--threads 1] [--regime random] [--batches 4] [--repeats 3]
+    python benchmarks/bench_encoder.py [--threads 1] [--regime random] [--batches 4] [--repeats 3] [--precision bf16]
 
 The second form interleaves the eager rows batch by batch (robust to a machine whose load drifts,
 as a shared one does) and prints the median over passes of each pass's wall and process CPU
 seconds (all batches; a median per step would pick one batch length) and ratios. It adds
 the row "mtbert, PyTorch ops": mtbert with ``MTBERT_KERNELS=torch``, i.e. without the fused CPU
 kernels (dropout + add + LayerNorm, softmax + dropout), so their gain is measured in the same run.
+``--precision bf16`` runs every row under bf16 autocast.
 """
 import argparse
 import os
@@ -184,10 +185,10 @@ def test_encoder_training_step(benchmark, sst_batches, row):
     benchmark.pedantic(steps, rounds=5 if DEVICE.type == "cpu" else 20, iterations=1, warmup_rounds=1)
 
 
-def interleaved(threads, regime, batches, repeats):
+def interleaved(threads, regime, batches, repeats, precision="fp32"):
     torch.set_num_threads(threads)
     batches = draw_sst_batches(regime, batches)
-    rows = [StepRow(impl, regime, "fp32") for impl in ("transformers", "mtbert padded", "mtbert")]
+    rows = [StepRow(impl, regime, precision) for impl in ("transformers", "mtbert padded", "mtbert")]
     models = {row.label(IMPL_NAMES): make_model(row).train() for row in rows}
     # The same model once more, run with the PyTorch ops (the variable is read at each op call).
     kernels = {name: "auto" for name in models} | {"mtbert, PyTorch ops": "torch"}
@@ -199,14 +200,14 @@ def interleaved(threads, regime, batches, repeats):
             for name, model in models.items():
                 os.environ["MTBERT_KERNELS"] = kernels[name]
                 start_wall, start_cpu = time.perf_counter(), time.process_time()
-                training_step(model, batch, "fp32")
+                training_step(model, batch, precision)
                 synchronize()
                 if repeat:
                     wall[name].append(time.perf_counter() - start_wall)
                     cpu[name].append(time.process_time() - start_cpu)
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     print(f"{len(batches)} {regime} batches of {BATCH_SIZE} SST sentences, padding fraction "
-          f"{padding_fraction(batches):.3f}, {threads} thread(s), {repeats} interleaved passes, "
+          f"{padding_fraction(batches):.3f}, {precision}, {threads} thread(s), {repeats} interleaved passes, "
           f"load average {os.getloadavg()[0]:.1f}; per pass of all batches, median over passes")
     baseline = rows[0].label(IMPL_NAMES)
 
@@ -225,8 +226,9 @@ def main(argv: Optional[list] = None):
     parser.add_argument("--regime", choices=REGIMES, default="random")
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precision", choices=list(AUTOCAST_DTYPES), default="fp32")
     args = parser.parse_args(argv)
-    interleaved(args.threads, args.regime, args.batches, args.repeats)
+    interleaved(args.threads, args.regime, args.batches, args.repeats, args.precision)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 // Eight-lane float32 / float64 vectors for the gradient-surgery kernels (gradient_gram.cpp,
 // gradient_combine.cpp), written with the GCC / Clang vector extensions: each MTBERT_VECTOR_CLONES
-// clone lowers the same source to its own registers (one zmm, two ymm or four xmm per vector).
+// clone lowers the same source to its own registers (one zmm, two ymm or four xmm per vector); and
+// the float32 / bfloat16 element access of the fused dropout kernels.
 #pragma once
 #include <cstdint>
 #include <cstring>
+
+#include <c10/util/BFloat16.h>
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
@@ -66,6 +69,29 @@ MTBERT_ALWAYS_INLINE float lane_sum(int64_t n, const Term& term) {
     for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
   }
   return lanes[0];
+}
+
+// Element loads and stores of the kernels that take float32 or bfloat16 rows (dropout_add_layer_norm,
+// softmax_dropout): arithmetic is float32 either way; a bfloat16 value widens exactly (its bits are
+// a float32's upper half) and a float32 result narrows once, at the store, rounding to nearest even
+// (with NaN kept NaN), as torch's own conversion does. Plain shifts and masks, so loops over them
+// vectorize.
+MTBERT_ALWAYS_INLINE float load_float(const float* p, int64_t i) { return p[i]; }
+
+MTBERT_ALWAYS_INLINE float load_float(const c10::BFloat16* p, int64_t i) {
+  const uint32_t bits = static_cast<uint32_t>(p[i].x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+MTBERT_ALWAYS_INLINE void store_float(float* p, int64_t i, float v) { p[i] = v; }
+
+MTBERT_ALWAYS_INLINE void store_float(c10::BFloat16* p, int64_t i, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  p[i].x = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);  // v != v: NaN
 }
 
 inline void streaming_stores_done() {

@@ -15,6 +15,10 @@ pytestmark = pytest.mark.skipif(not _extension.available(), reason="needs the co
 
 EPS = 1e-12
 TOL = dict(atol=2e-5, rtol=2e-5)
+# bfloat16 (CPU autocast): inputs are widened exactly and every sum is float32, so a result stored in
+# float32 meets the float64 reference as tightly as the float32 kernel does; one stored in bfloat16 is
+# off by its single rounding, at most 2^-9 relative (the atol covers values near zero).
+BF16_TOL = dict(atol=1e-4, rtol=2**-8)
 
 
 def _seed_drawn_after(manual_seed):
@@ -34,9 +38,12 @@ LN_SHAPES = [(1, 1), (1, 3), (2, 5), (7, 17), (33, 129), (4, 768), (2, 3, 23)]
 
 @pytest.mark.parametrize("shape", LN_SHAPES, ids=str)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1, 0.5])
-def test_dropout_add_layer_norm_matches_float64_with_its_own_mask(shape, dropout_p):
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dropout_add_layer_norm_matches_float64_with_its_own_mask(shape, dropout_p, x_dtype):
+    """bfloat16 x: a linear layer's output beside the float32 residual (CPU autocast); y stays
+    float32, x's gradient is bfloat16. The reference runs in float64 on the same (rounded) x."""
     N = shape[-1]
-    x, residual = torch.randn(shape), torch.randn(shape)
+    x, residual = torch.randn(shape).to(x_dtype), torch.randn(shape)
     weight, bias = 1 + 0.3 * torch.randn(N), 0.3 * torch.randn(N)
     seed = _seed_drawn_after(11)
     keep = forward_op(x, residual, weight, bias, EPS, dropout_p, seed=seed)[4]
@@ -50,8 +57,10 @@ def test_dropout_add_layer_norm_matches_float64_with_its_own_mask(shape, dropout
     grad_y = torch.randn(shape)
     y.backward(grad_y)
     y_ref.backward(grad_y.double())
+    assert y.dtype == torch.float32 and ours[0].grad.dtype == x_dtype
     for name, a, b in zip(("x", "residual", "weight", "bias"), ours, reference):
-        torch.testing.assert_close(a.grad.double(), b.grad, **TOL, msg=lambda m: f"d{name}: {m}")
+        tol = BF16_TOL if a.grad.dtype == torch.bfloat16 else TOL
+        torch.testing.assert_close(a.grad.double(), b.grad, **tol, msg=lambda m: f"d{name}: {m}")
 
 
 def test_dropout_add_layer_norm_weight_gradients_split_by_row_ranges():
@@ -263,3 +272,108 @@ def test_equal_rows_give_equal_results_wherever_they_lie():
     scores_s[0, 0, 1:] = scores[0, 0]
     assert torch.equal(softmax_dropout_cpu(scores, None, 0.3, 0.0)[0],
                        softmax_dropout_cpu(scores_s, None, 0.3, 0.0)[0][:, :, 1:])
+
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 5, 3), (2, 12, 51, 51)], ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_softmax_dropout_takes_bfloat16_scores(shape, dropout_p):
+    """bfloat16 scores and a bfloat16 mask (what attention's first matmul gives under CPU autocast):
+    the output and probabilities in bfloat16 within one rounding of float64 on the same scores. The
+    gradient is checked against float64 from the probabilities the kernel saved (bfloat16, as
+    PyTorch's own bfloat16 softmax saves them), so that only its final rounding is allowed for."""
+    B, _, _, L = shape
+    scores = (3 * torch.randn(shape)).bfloat16()
+    mask_bias = torch.zeros(B, L, dtype=torch.bfloat16)
+    mask_bias[0, L // 2:] = torch.finfo(torch.bfloat16).min
+    keep = softmax_dropout_cpu(scores, mask_bias, 0.3, dropout_p, seed=_seed_drawn_after(6))[2]
+    keep = keep.bool() if dropout_p > 0 else torch.ones(shape, dtype=torch.bool)
+    (ours,) = _leaves(scores)
+    torch.manual_seed(6)
+    out, probs, _ = softmax_dropout_cpu(ours, mask_bias, 0.3, dropout_p)
+    assert out.dtype == probs.dtype == torch.bfloat16
+    (reference,) = _leaves(scores, dtype=torch.float64)
+    out_ref = softmax_dropout_reference(reference, mask_bias.double(), 0.3, dropout_p, keep=keep)
+    torch.testing.assert_close(out.double(), out_ref, **BF16_TOL)
+    torch.testing.assert_close(probs.double(), softmax_dropout_reference(reference, mask_bias.double(), 0.3, 0.0),
+                               **BF16_TOL)
+    grad_out = torch.randn(shape).bfloat16()
+    out.backward(grad_out)
+    assert ours.grad.dtype == torch.bfloat16
+    d_probs = grad_out.double() * keep / (1 - dropout_p)
+    p = probs.double()
+    grad_ref = 0.3 * p * (d_probs - (p * d_probs).sum(-1, keepdim=True))
+    torch.testing.assert_close(ours.grad.double(), grad_ref, **BF16_TOL)
+
+
+def test_opcheck_bfloat16():
+    x, residual = torch.randn(5, 19).bfloat16(), torch.randn(5, 19)
+    weight, bias = torch.randn(19), torch.randn(19)
+    seed = torch.tensor(9)
+    args = [x.clone().requires_grad_(), residual.clone().requires_grad_(), weight, bias]
+    torch.library.opcheck(torch.ops.mtbert.dropout_add_layer_norm, (*args, EPS, 0.3, seed))
+    _, z, mean, rstd, keep = torch.ops.mtbert.dropout_add_layer_norm(x, residual, weight, bias, EPS, 0.3, seed)
+    torch.library.opcheck(torch.ops.mtbert.dropout_add_layer_norm_backward,
+                          (torch.randn(5, 19), z, keep, weight, mean, rstd, 0.3, [0, 2, 5], torch.bfloat16))
+    scores, mask_bias = torch.randn(2, 3, 4, 7).bfloat16(), torch.zeros(2, 7)
+    torch.library.opcheck(torch.ops.mtbert.softmax_dropout, (scores.clone().requires_grad_(), mask_bias, 0.5, 0.3, seed))
+    out, probs, keep = torch.ops.mtbert.softmax_dropout(scores, mask_bias, 0.5, 0.3, seed)
+    torch.library.opcheck(torch.ops.mtbert.softmax_dropout_backward, (torch.randn_like(out), probs, keep, 0.5, 0.3))
+
+
+def test_bfloat16_bad_input_names_the_argument():
+    x, residual, w = torch.randn(3, 8).bfloat16(), torch.randn(3, 8), torch.randn(8)
+    with pytest.raises(ValueError, match="x"):
+        dropout_add_layer_norm_cpu(x.half(), residual, w, w, EPS, 0.1)
+    with pytest.raises(ValueError, match="residual"):
+        dropout_add_layer_norm_cpu(x, residual.bfloat16(), w, w, EPS, 0.1)
+    with pytest.raises(ValueError, match="scores"):
+        softmax_dropout_cpu(torch.randn(1, 1, 2, 3).half(), None, 1.0, 0.1)
+    _, z, mean, rstd, keep = forward_op(x, residual, w, w, EPS, 0.1, seed=1)
+    with pytest.raises(RuntimeError, match="x_dtype"):
+        torch.ops.mtbert.dropout_add_layer_norm_backward(residual, z, keep, w, mean, rstd, 0.1, [], torch.float16)
+    with pytest.raises(RuntimeError, match="grad_out"):
+        torch.ops.mtbert.softmax_dropout_backward(torch.randn(1, 1, 2, 3), torch.rand(1, 1, 2, 3).bfloat16(),
+                                                  torch.empty(0, dtype=torch.uint8), 1.0, 0.0)
+
+
+def test_model_under_cpu_autocast_runs_the_fused_kernels(monkeypatch):
+    """Under CPU bfloat16 autocast the model's dropout ops are the fused kernels (called once per
+    layer each: two LayerNorms, one softmax), and with dropout off they give what PyTorch's ops give
+    under the same autocast, outputs and float32 parameter gradients, within bfloat16's precision."""
+    calls = {"dropout_add_layer_norm": 0, "softmax_dropout": 0}
+    for name in calls:
+        original = getattr(kernels, f"_{name}")
+        function = "dropout_add_layer_norm_cpu" if name == "dropout_add_layer_norm" else "softmax_dropout_cpu"
+        wrapped = getattr(original, function)
+
+        def counting(*args, _name=name, _wrapped=wrapped, **kwargs):
+            calls[_name] += 1
+            return _wrapped(*args, **kwargs)
+        monkeypatch.setattr(original, function, counting)
+    model = _tiny_model()
+    mask = (torch.arange(7) < torch.tensor([7, 5, 6])[:, None]).long()
+    ids = torch.randint(1, 60, mask.shape) * mask
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids, mask)
+    assert calls == {"dropout_add_layer_norm": 4, "softmax_dropout": 2}
+
+    for module in model.modules():  # dropout off: the two paths then compute the same function
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, mask)
+        (out.last_hidden_state.float().square().mean() + out.pooler_output.float().sum()).backward()
+        return out.last_hidden_state.float(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fused, fused_grads = run()
+    monkeypatch.setenv("MTBERT_KERNELS", "torch")
+    plain, plain_grads = run()
+    torch.testing.assert_close(fused, plain, atol=3e-2, rtol=0)
+    for name, grad in plain_grads.items():
+        assert fused_grads[name].dtype == torch.float32
+        error = (fused_grads[name] - grad).norm() / grad.norm().clamp_min(1e-3)
+        assert error < 5e-2, f"{name}: relative gradient error {error:.3f}"

@@ -299,13 +299,15 @@ def test_loss_weight_scales_only_its_tasks_gradient_row(tiny_model_dir, toy_data
 
 @pytest.mark.parametrize("kernels, pair_head, batch_size, bf16", [
     ("torch", "sbert", 8, False), ("torch", "cross", 8, False), ("torch", "sbert", 8, True),
+    ("auto", "sbert", 8, True),  # the fused CPU kernels, segmented, under bf16 autocast
     ("triton", "sbert", 1, False)])  # the interpreter is slow
 def test_packed_pass_fills_the_rows_of_the_per_task_passes(tiny_model_dir, toy_data, tmp_path, monkeypatch, kernels,
                                                            pair_head, batch_size, bf16):
     """--passes packed runs one encoder forward and one backward per step (per-task: one per task
     slot) and, with dropout off, fills every gradient row as the per-task passes (PyTorch kernels,
     the reference) do, a task drawn twice (its two batches share its row) and a loss weight
-    included; also under bf16 autocast (both modes)."""
+    included; also under bf16 autocast (both modes; packed with the PyTorch ops and with the fused
+    CPU kernels)."""
     tasks = ("sst", "para", "sts", "para")
     rows, passes = {}, {}
     for mode, mode_kernels in (("packed", kernels), ("per-task", "torch")):

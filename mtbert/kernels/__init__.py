@@ -3,8 +3,9 @@
 Model code calls only the functions below; which implementation runs is decided here and nowhere
 else: the Triton kernels on CUDA tensors when Triton is installed, the PyTorch path otherwise
 (and for bfloat16 on GPUs older than compute capability 8.0, which the kernels cannot serve).
-On the CPU, float32 outside autocast, the ops with dropout run the fused C++ kernels of the
-extension (``dropout_add_layer_norm``, ``attention``'s softmax and dropout) when it is built.
+On the CPU, in float32 and in bfloat16 (CPU autocast: float32 weights, bfloat16 matmul outputs), the
+ops with dropout run the fused C++ kernels of the extension (``dropout_add_layer_norm``,
+``attention``'s softmax and dropout) when it is built.
 The environment variable ``MTBERT_KERNELS`` (read at each call) forces one: ``torch`` always runs
 PyTorch (and ``F.dropout``, whose random stream Hugging Face's models share); ``triton`` always runs Triton, which on CPU tensors needs ``TRITON_INTERPRET=1`` set
 before mtbert is imported (Triton's interpreter, how the tests run the kernels without a GPU).
@@ -55,11 +56,15 @@ def use_triton(tensor) -> bool:
     return tensor.is_cuda and can_launch(tensor) and gpu_unsupported_reason(tensor) is None
 
 
+_CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def use_cpu_kernels(tensor) -> bool:
-    """Whether the ops run the extension's fused CPU kernels for ``tensor``: float32 on the CPU,
-    outside autocast, the extension built, ``MTBERT_KERNELS`` unset or ``auto``."""
-    return (_choice() == "auto" and tensor.device.type == "cpu" and tensor.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and _extension.available())
+    """Whether the ops run the extension's fused CPU kernels for ``tensor``: float32 or bfloat16
+    (what CPU autocast makes of a matmul) on the CPU, the extension built, ``MTBERT_KERNELS`` unset
+    or ``auto``. The kernels compute in float32 whatever the storage."""
+    return (_choice() == "auto" and tensor.device.type == "cpu" and tensor.dtype in _CPU_KERNEL_DTYPES
+            and _extension.available())
 
 
 def _segments_for(*params):
@@ -107,8 +112,11 @@ def add_layer_norm(x, residual, weight, bias, eps):
 
 def dropout_add_layer_norm(x, residual, weight, bias, eps, dropout_p):
     """y = LayerNorm(dropout(x) + residual) over the last dimension; ``dropout_p`` is the dropout
-    probability (pass 0 in eval mode). x, residual: [..., N] of one shape; weight, bias: [N]."""
-    if use_cpu_kernels(x) and residual.shape == x.shape and residual.dtype == x.dtype:
+    probability (pass 0 in eval mode). x, residual: [..., N] of one shape; weight, bias: [N].
+    On the CPU kernel, x may be bfloat16 beside a float32 residual (a linear layer's output under
+    autocast): y is float32, as autocast's type promotion makes it."""
+    if (use_cpu_kernels(x) and residual.shape == x.shape
+            and residual.dtype == weight.dtype == bias.dtype == torch.float32):
         segments = _segments_for(weight, bias)
         if segments is not None:
             return _segmented.dropout_add_layer_norm(x, residual, weight, bias, eps, dropout_p, segments)
@@ -133,7 +141,7 @@ def attention(q, k, v, mask_bias, dropout_p, scale):
     in eval mode). q, k, v: [B, heads, L, head_dim] (views are fine); mask_bias: None (every key is
     real) or [B, 1, 1, L] additive. With dropout on the CPU, the fused softmax+dropout kernel
     between two matmuls (SDPA's CPU path with dropout is the unfused math); otherwise SDPA."""
-    if dropout_p > 0 and use_cpu_kernels(q) and (mask_bias is None or mask_bias.dtype == q.dtype):
+    if dropout_p > 0 and use_cpu_kernels(q) and (mask_bias is None or mask_bias.dtype in _CPU_KERNEL_DTYPES):
         B, _, L, _ = q.shape
         return _softmax_dropout.attention_cpu(q, k, v, None if mask_bias is None else mask_bias.reshape(B, L),
                                               dropout_p, scale)
@@ -143,8 +151,9 @@ def attention(q, k, v, mask_bias, dropout_p, scale):
 def linear_bias_gelu(x, weight, bias):
     """y = GELU(x Wᵀ + b), the exact erf GELU (BERT's FFN up-projection). x: [..., in]; weight:
     [out, in]; bias: [out]. Where the fused CPU kernels run, the matmul adds the bias (addmm, at no
-    cost) and PyTorch's GELU follows: one pass over [..., out] fewer than a separate bias add.
-    Elsewhere the bias+GELU op adds it (the Triton kernel; under autocast, in float32)."""
+    cost) and PyTorch's GELU follows: one pass over [..., out] fewer than a separate bias add (under
+    CPU autocast both in bfloat16, as for a plain nn.Linear and GELU). Elsewhere the bias+GELU op
+    adds it (the Triton kernel; under autocast, in float32)."""
     if use_cpu_kernels(x):
         return F.gelu(linear(x, weight, bias), approximate="none")
     return bias_gelu(linear(x, weight), bias)

@@ -10,6 +10,10 @@ returned, so both use the same one. Its seed is drawn from torch's CPU generator
 
 The backward op returns the weight and bias gradients summed over row ranges, [K, N]: one range
 here, one per segment in ``segmented.dropout_add_layer_norm``.
+
+x may be bfloat16 (a linear layer's output under CPU autocast) beside the float32 residual; the
+kernel computes in float32 and returns y float32 (autocast's type promotion of the add), x's
+gradient in bfloat16.
 """
 import torch
 import torch.nn.functional as F
@@ -20,7 +24,7 @@ from ._triton import check_tensor
 
 
 def _check_inputs(x, residual, weight, bias, eps, dropout_p):
-    check_tensor("x", x, dtypes=(torch.float32,), contiguous=False)
+    check_tensor("x", x, dtypes=(torch.float32, torch.bfloat16), contiguous=False)
     N = x.shape[-1] if x.dim() else 0
     if N == 0:
         raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
@@ -43,12 +47,14 @@ def rows(t):
 def _fake_forward(x, residual, weight, bias, eps, dropout_p, seed):
     M, N = x.shape
     keep = x.new_empty((M, N) if dropout_p > 0 else (0, 0), dtype=torch.uint8)
-    return torch.empty_like(x), torch.empty_like(x), x.new_empty(M), x.new_empty(M), keep
+    return (torch.empty_like(residual), torch.empty_like(residual), residual.new_empty(M), residual.new_empty(M),
+            keep)
 
 
-def _fake_backward(grad_y, z, keep, weight, mean, rstd, dropout_p, row_bounds):
+def _fake_backward(grad_y, z, keep, weight, mean, rstd, dropout_p, row_bounds, x_dtype=None):
     K, N = max(len(row_bounds) - 1, 1), z.shape[1]
-    return torch.empty_like(z), torch.empty_like(z), z.new_empty(K, N), z.new_empty(K, N)
+    return (torch.empty_like(z, dtype=x_dtype or torch.float32), torch.empty_like(z), z.new_empty(K, N),
+            z.new_empty(K, N))
 
 
 def forward_op(x, residual, weight, bias, eps, dropout_p, seed=None):
@@ -59,23 +65,24 @@ def forward_op(x, residual, weight, bias, eps, dropout_p, seed=None):
                                                    seed_tensor(seed, dropout_p))
 
 
-def backward_op(grad_y, z, keep, weight, mean, rstd, dropout_p, row_bounds):
-    """grad_x, grad_residual [M, N] and the weight and bias gradients [K, N] of the K row ranges
-    [row_bounds[k], row_bounds[k + 1]); ``row_bounds=[]``: one range, all rows."""
+def backward_op(grad_y, z, keep, weight, mean, rstd, dropout_p, row_bounds, x_dtype=torch.float32):
+    """grad_x [M, N] (of ``x_dtype``), grad_residual [M, N] and the weight and bias gradients [K, N]
+    of the K row ranges [row_bounds[k], row_bounds[k + 1]); ``row_bounds=[]``: one range, all rows."""
     return torch.ops.mtbert.dropout_add_layer_norm_backward(rows(grad_y), z, keep, weight, mean, rstd, dropout_p,
-                                                            list(row_bounds))
+                                                            list(row_bounds), x_dtype)
 
 
 def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, eps, dropout_p, seed = inputs
     _, z, mean, rstd, keep = output
     ctx.save_for_backward(z, keep, weight, mean, rstd)
-    ctx.dropout_p = dropout_p
+    ctx.dropout_p, ctx.x_dtype = dropout_p, x.dtype
 
 
 def _backward(ctx, grad_y, grad_z, grad_mean, grad_rstd, grad_keep):  # only y is differentiated
     z, keep, weight, mean, rstd = ctx.saved_tensors
-    grad_x, grad_residual, grad_weight, grad_bias = backward_op(grad_y, z, keep, weight, mean, rstd, ctx.dropout_p, [])
+    grad_x, grad_residual, grad_weight, grad_bias = backward_op(grad_y, z, keep, weight, mean, rstd, ctx.dropout_p, [],
+                                                                ctx.x_dtype)
     return grad_x, grad_residual, grad_weight[0], grad_bias[0], None, None, None
 
 
@@ -86,9 +93,9 @@ if _extension.available():  # the ops are defined by the extension; without it t
 
 
 def dropout_add_layer_norm_cpu(x, residual, weight, bias, eps, dropout_p, seed=None):
-    """LN(dropout(x) + residual) with the C++ op, with autograd. x, residual: [..., N] float32 on
-    the CPU; weight, bias: [N]; ``dropout_p`` in [0, 1) (0 in eval mode); ``seed`` as in
-    :func:`forward_op`."""
+    """LN(dropout(x) + residual) with the C++ op, with autograd. x: [..., N] float32 or bfloat16 on
+    the CPU; residual: [..., N] float32; weight, bias: [N] float32; ``dropout_p`` in [0, 1) (0 in
+    eval mode); ``seed`` as in :func:`forward_op`. Returns float32."""
     _check_inputs(x, residual, weight, bias, eps, dropout_p)
     _extension.ops()  # a clear error when the extension is not built
     return forward_op(x, residual, weight, bias, eps, dropout_p, seed)[0].view(x.shape)

@@ -253,7 +253,7 @@ class _SegmentedDropoutAddLayerNorm(torch.autograd.Function):
     def forward(ctx, x, residual, weight, bias, eps, dropout_p, segments):
         ctx.ranges = segments.ranges(x.numel() // x.shape[-1])
         ctx.destinations = segments.destinations_of(weight), segments.destinations_of(bias)
-        ctx.dropout_p = dropout_p
+        ctx.dropout_p, ctx.x_dtype = dropout_p, x.dtype
         y, z, mean, rstd, keep = _dropout_add_layer_norm.forward_op(x, residual, weight, bias, eps, dropout_p)
         ctx.save_for_backward(z, keep, weight, mean, rstd)
         return y.view(x.shape)
@@ -263,7 +263,7 @@ class _SegmentedDropoutAddLayerNorm(torch.autograd.Function):
         z, keep, weight, mean, rstd = ctx.saved_tensors
         row_bounds = [begin for begin, _ in ctx.ranges] + [ctx.ranges[-1][1]]
         grad_x, grad_residual, grad_weight, grad_bias = _dropout_add_layer_norm.backward_op(
-            grad_y, z, keep, weight, mean, rstd, ctx.dropout_p, row_bounds)
+            grad_y, z, keep, weight, mean, rstd, ctx.dropout_p, row_bounds, ctx.x_dtype)
         for destinations, grads in zip(ctx.destinations, (grad_weight, grad_bias)):
             if destinations is not None:
                 for k, (begin, end) in enumerate(ctx.ranges):
@@ -273,8 +273,9 @@ class _SegmentedDropoutAddLayerNorm(torch.autograd.Function):
 
 
 def dropout_add_layer_norm(x, residual, weight, bias, eps, dropout_p, segments: GradientSegments):
-    """y = LayerNorm(dropout(x) + residual) with the extension's CPU kernel (float32, residual of
-    x's shape), its weight and bias gradients split by segment in the kernel's backward."""
+    """y = LayerNorm(dropout(x) + residual) with the extension's CPU kernel (x float32 or bfloat16,
+    a float32 residual of x's shape), its weight and bias gradients split by segment in the
+    kernel's backward."""
     return _SegmentedDropoutAddLayerNorm.apply(x, residual, weight, bias, eps, dropout_p, segments)
 
 
