@@ -43,7 +43,7 @@ def mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def render(runs, title) -> str:
+def render(runs, title, command=None) -> str:
     lines = [f"# {title}", "",
              f"{len(runs)} seeds; each run's best.pt chosen on its validation split (10% of each training file), "
              "dev scored once for it. Wall time: launch to exit of `mtbert.train` (loading, training, validation "
@@ -68,6 +68,8 @@ def render(runs, title) -> str:
     if walls:
         lines.append(f"| wall time per model | ≤ {WALL_LIMIT_MIN} min | {max(walls):.1f} min | "
                      f"{'yes' if max(walls) <= WALL_LIMIT_MIN else 'no'} |")
+    if command:
+        lines += ["", "Command (SEED = each row's seed):", "", f"    {command}"]
     return "\n".join(lines) + "\n"
 
 
@@ -75,10 +77,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="mtbert.train --out directories, one per seed")
     parser.add_argument("--title", required=True, help="the configuration, as the table's heading")
+    parser.add_argument("--command", help="the training command, printed under the table")
     parser.add_argument("--output", type=Path, help="also write the markdown here (and the numbers as .json)")
     args = parser.parse_args(argv)
     runs = [load_run(run) for run in args.runs]
-    text = render(runs, args.title)
+    text = render(runs, args.title, args.command)
     if args.output:
         write_atomically(args.output, text)
         write_atomically(args.output.with_suffix(".json"), json.dumps(runs, indent=1) + "\n")
