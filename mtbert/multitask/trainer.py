@@ -30,6 +30,7 @@ from .heads import PAIR_HEADS
 from .losses import STS_LOSSES
 from .model import MultitaskBert
 from .optimization import make_gradient_path
+from .regularization import rdrop_objective
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +165,11 @@ class TrainConfig:
     task_sampling: str = setting("round-robin", group="optimization", choices=TASK_SAMPLINGS,
                                  help="round-robin: one batch of every task per step, smaller tasks cycle; "
                                       "proportional to size; annealed (Stickland & Murray 2019)")
+    rdrop: float = setting(0.0, group="optimization", metavar="ALPHA",
+                           help="R-Drop (Liang et al. 2021): each task batch goes through the model twice with "
+                                "different dropout masks; the loss is the mean of the two task losses plus ALPHA "
+                                "times their symmetric KL divergence (STS regression: squared difference of the "
+                                "two scores). 0: off")
     passes: str = setting("packed", group="optimization", choices=PASSES,
                           help="packed: one encoder forward and backward for all tasks of a step, each task's "
                                "gradient split by its tokens; per-task: one pass per task (the reference)")
@@ -259,6 +265,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive finite number, got {value}")
+        if not (math.isfinite(self.rdrop) and self.rdrop >= 0):
+            raise ConfigError(f"rdrop must be a finite number >= 0, got {self.rdrop}")
         if not 0.0 < self.layer_lr_decay <= 1.0:
             raise ConfigError(f"layer_lr_decay must be in (0, 1], got {self.layer_lr_decay}")
 
@@ -659,19 +667,33 @@ class Trainer:
     def _per_task_passes(self, tasks, batches):
         step_losses = {}
         for task, batch in zip(tasks, batches):
-            inputs = {k: v.to(self.device) for k, v in batch["inputs"].items()}
+            inputs, offsets = batch["inputs"], None
+            if self.config.rdrop:  # the batch twice in one forward: two dropout masks
+                inputs, offsets = concat_inputs([inputs, inputs], self.model.encoder.config.pad_token_id)
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
             with self._autocast():
-                scores = self.model(task, inputs)
-            loss = self.model.loss(task, scores.float(), batch["labels"].to(self.device))
-            if not self._finite(task, loss):
+                scores = (self.model.forward_packed([task, task], inputs, offsets) if offsets
+                          else [self.model(task, inputs)])
+            loss, objective = self._objective(task, scores, batch["labels"].to(self.device))
+            if not self._finite(task, objective):
                 return None
-            self.gradients.backward(task, self._loss_weight(task, batch) * loss)
+            self.gradients.backward(task, self._loss_weight(task, batch) * objective)
             step_losses[task] = step_losses.get(task, 0.0) + loss.item() * batch.get("share", 1.0)
         return step_losses
+
+    def _objective(self, task, scores, labels):
+        """(task loss, the loss to back-propagate) of one task slot from its head scores: of its one
+        pass, or of its two passes with --rdrop (:func:`rdrop_objective`)."""
+        if len(scores) == 1:
+            loss = self.model.loss(task, scores[0].float(), labels)
+            return loss, loss
+        return rdrop_objective(self.model, task, scores[0].float(), scores[1].float(), labels, self.config.rdrop)
 
     def _packed_pass(self, tasks, batches):
         # Slots in gradient-row order, so that each task's sequences are one range of rows.
         slots = sorted(zip(tasks, batches), key=lambda slot: self.config.tasks.index(slot[0]))
+        copies = 2 if self.config.rdrop else 1  # R-Drop: each slot twice in a row, in its task's range
+        slots = [slot for slot in slots for _ in range(copies)]
         tasks = [task for task, _ in slots]
         inputs, offsets = concat_inputs([batch["inputs"] for _, batch in slots],
                                         self.model.encoder.config.pad_token_id)
@@ -681,14 +703,16 @@ class Trainer:
             task_rows[task] = (task_rows.get(task, (begin,))[0], end)
         with self.gradients.task_segments(inputs["attention_mask"], task_rows), self._autocast():
             scores = self.model.forward_packed(tasks, inputs, offsets)
-        losses = [self.model.loss(task, task_scores.float(), batch["labels"].to(self.device))
-                  for task, task_scores, (_, batch) in zip(tasks, scores, slots)]
-        if not all(self._finite(task, loss) for task, loss in zip(tasks, losses)):
+        slots = slots[::copies]  # one (task, batch) per slot, its scores[i * copies:(i + 1) * copies]
+        losses, objectives = zip(*(self._objective(task, scores[i * copies:(i + 1) * copies],
+                                                   batch["labels"].to(self.device))
+                                   for i, (task, batch) in enumerate(slots)))
+        if not all(self._finite(task, objective) for (task, _), objective in zip(slots, objectives)):
             return None
-        self.gradients.backward_packed(sum(self._loss_weight(task, batch) * loss
-                                           for task, loss, (_, batch) in zip(tasks, losses, slots)))
+        self.gradients.backward_packed(sum(self._loss_weight(task, batch) * objective
+                                           for objective, (task, batch) in zip(objectives, slots)))
         step_losses = {}
-        for task, loss, (_, batch) in zip(tasks, losses, slots):
+        for loss, (task, batch) in zip(losses, slots):
             step_losses[task] = step_losses.get(task, 0.0) + loss.item() * batch.get("share", 1.0)
         return step_losses
 
