@@ -76,6 +76,13 @@ ROWS = [
     # Regularization and sampling levers of issue 15, on the same setup.
     ("rdrop", "the `make demo` setup with R-Drop, alpha 1 (each batch twice, symmetric KL of the two passes)",
      DEMO + ["--rdrop", "1"]),
+    # The sampling levers act after validation evaluations: every 15 steps, the same in their baseline.
+    ("demo-eval15", "the `make demo` setup evaluated on the validation split every 15 steps (best.pt among 4)",
+     DEMO + ["--eval-every", "15"]),
+    ("task-patience", "demo-eval15 with per-task early stopping of the sampling, patience 1 evaluation",
+     DEMO + ["--eval-every", "15", "--task-patience", "1"]),
+    ("validation-sampling", "demo-eval15 with task slots drawn by validation gap (floor 0.2) after each evaluation",
+     DEMO + ["--eval-every", "15", "--task-sampling", "validation"]),
 ]
 # The gradient-combination methods of issue 14 on the pcgrad row's setup (SBERT heads, STS CE).
 METHOD_ROWS = ("mgda", "cagrad", "imtl-g", "aligned-mtl", "upgrad", "dualproj", "nash-mtl", "fairgrad", "gradvac",
