@@ -5,7 +5,7 @@ split that mtbert-train holds out, same --val-fraction / --val-seed, is left out
 ``mtbert-train --model DIR`` fine-tunes, and prints its wall time: it counts in the training budget.
 
     python -m mtbert.pretrain --data data --out runs/mlm --minutes 10
-    python -m mtbert.train --model runs/mlm ...
+    python -m mtbert.train ... --model runs/mlm
 
 Exit status: 0 done; 2 a problem with what was given (told on one line; --debug adds the
 traceback); 1 a bug.
