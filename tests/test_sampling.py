@@ -74,7 +74,7 @@ def _no_plot(monkeypatch):
 
 
 def _config(tiny_model_dir, toy_data, out, **overrides):
-    settings = dict(data=str(toy_data), out=str(out), model=str(tiny_model_dir), epochs=2, batch_size=16, lr=1e-3,
+    settings = dict(data=str(toy_data), out=str(out), model=str(tiny_model_dir), epochs=1, batch_size=16, lr=1e-3,
                     hidden_dropout_prob=0.1, max_length=32, progress=False, log_every=1, eval_every=1,
                     max_dev_examples=12)
     return TrainConfig(**{**settings, **overrides})
@@ -105,7 +105,7 @@ def _records(out, kind):
 
 def test_patience_stops_tasks_and_ends_training_early(tiny_model_dir, toy_data, tmp_path):
     trainer = _scripted_trainer(_config(tiny_model_dir, toy_data, tmp_path, task_patience=2))
-    assert trainer.total_steps == 12  # 2 epochs of 6 round-robin steps (86 training rows of each task)
+    assert trainer.total_steps == 6  # round-robin steps of 16 of the 86 training rows of each task
     trainer.fit()
     assert trainer.step_slots == [list(TASKS)] * 3 + [["sst", "sts"], ["sts"]]
     records = _records(tmp_path, "sampling")
