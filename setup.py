@@ -47,6 +47,6 @@ setup(
     python_requires=">=3.10",
     ext_modules=[_extension()],
     entry_points={"console_scripts": ["mtbert-train=mtbert.train:main", "mtbert-plot=mtbert.multitask.plot:main",
-                                        "mtbert-predict=mtbert.predict:main"]},
+                                        "mtbert-predict=mtbert.predict:main", "mtbert-pretrain=mtbert.pretrain:main"]},
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -99,6 +99,10 @@ class Tokenizer:
             "attention_mask": torch.tensor([e.attention_mask for e in encodings], dtype=torch.long),
         }
 
+    def token_to_id(self, token: str):
+        """The id of ``token`` (e.g. ``"[MASK]"``), None when the vocabulary lacks it."""
+        return self._backend.token_to_id(token)
+
     def tokenize(self, text: str) -> list:
         """The WordPiece tokens of one sentence, without special tokens."""
         return self._backend.encode(text, add_special_tokens=False).tokens

@@ -23,6 +23,10 @@ def test_row_parses_into_train_config(name, tmp_path):
         options["--para-head"], options["--sts-head"], options["--sts-loss"], options["--grad-method"])
     assert config.layer_lr_decay == float(options.get("--layer-lr-decay", 1.0))
     assert config.head_lr == (float(options["--head-lr"]) if "--head-lr" in options else None)
+    assert config.rdrop == float(options.get("--rdrop", 0.0))
+    assert config.eval_every == int(options.get("--eval-every", 0))
+    assert config.task_patience == int(options.get("--task-patience", 0))
+    assert config.task_sampling == options.get("--task-sampling", "round-robin")
     assert (config.select_on, config.val_fraction) == ("val", 0.1)  # rows are compared on the validation split
 
 

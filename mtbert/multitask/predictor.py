@@ -139,16 +139,21 @@ class Predictor:
 
         directory = make_directory(Path(directory), "export directory")
         self.model.encoder.save_pretrained(directory)
-        source = resolve_model_dir(self.base_model)
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file() and source.resolve() != directory.resolve():
-                shutil.copy(source / name, directory / name)
+        copy_tokenizer_files(resolve_model_dir(self.base_model), directory)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.model.heads.state_dict().items()},
                   str(directory / HEADS_WEIGHTS))
         settings = {**self.model.head_config, "tasks": list(self.tasks), "max_length": self.max_length}
         (directory / HEADS_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
         return directory
 
+
+
+def copy_tokenizer_files(source, directory):
+    """Copies the tokenizer's files of model directory ``source`` into ``directory`` (a
+    ``save_pretrained`` directory then loads with its tokenizer)."""
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file() and source.resolve() != directory.resolve():
+            shutil.copy(source / name, directory / name)
 
 
 def _same_heads(members, purpose):

@@ -30,6 +30,8 @@ from .heads import PAIR_HEADS
 from .losses import STS_LOSSES
 from .model import MultitaskBert
 from .optimization import make_gradient_path
+from .regularization import rdrop_objective
+from .sampling import AdaptiveSampling
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ FORCE_CPU_BF16_ENV = "MTBERT_FORCE_CPU_BF16"
 # AVX-512 BF16 dot products (Intel Cooper Lake, AMD Zen 4). Without them oneDNN emulates bfloat16
 # matrix products, slower than float32's.
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-TASK_SAMPLINGS = ("round-robin", "proportional", "annealed")
+TASK_SAMPLINGS = ("round-robin", "proportional", "annealed", "validation")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 # packed: one encoder forward and backward over all task slots of a step, each task's gradient
 # split into its row by the encoder's ops; per-task: one forward and backward per slot (the reference).
@@ -163,7 +165,22 @@ class TrainConfig:
     aux_weight: float = setting(0.3, group="optimization", help="λ, weight of the auxiliary tasks in main-aux")
     task_sampling: str = setting("round-robin", group="optimization", choices=TASK_SAMPLINGS,
                                  help="round-robin: one batch of every task per step, smaller tasks cycle; "
-                                      "proportional to size; annealed (Stickland & Murray 2019)")
+                                      "proportional to size; annealed (Stickland & Murray 2019); validation: "
+                                      "after each evaluation, p_k = F/K + (1 - F) * g_k / sum(g), g_k = 1 - the "
+                                      "task's validation score (accuracy, STS Pearson) clamped to [0, 1], "
+                                      "F = --sampling-floor; uniform before the first evaluation")
+    sampling_floor: float = setting(0.2, "--sampling-floor", group="optimization", metavar="F",
+                                    help="--task-sampling validation: the share of the draws spread evenly over "
+                                         "the tasks, so that none starves (1: uniform)")
+    task_patience: int = setting(0, "--task-patience", group="optimization", metavar="N",
+                                 help="per-task early stopping of the sampling: a task whose validation score has "
+                                      "not improved for N evaluations is no longer drawn; training ends when every "
+                                      "task has stopped (0: off)")
+    rdrop: float = setting(0.0, group="optimization", metavar="ALPHA",
+                           help="R-Drop (Liang et al. 2021): each task batch goes through the model twice with "
+                                "different dropout masks; the loss is the mean of the two task losses plus ALPHA "
+                                "times their symmetric KL divergence (STS regression: squared difference of the "
+                                "two scores). 0: off")
     passes: str = setting("packed", group="optimization", choices=PASSES,
                           help="packed: one encoder forward and backward for all tasks of a step, each task's "
                                "gradient split by its tokens; per-task: one pass per task (the reference)")
@@ -259,6 +276,12 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive finite number, got {value}")
+        if self.task_patience < 0:
+            raise ConfigError(f"task_patience must be >= 0, got {self.task_patience}")
+        if not 0.0 <= self.sampling_floor <= 1.0:
+            raise ConfigError(f"sampling_floor must be in [0, 1], got {self.sampling_floor}")
+        if not (math.isfinite(self.rdrop) and self.rdrop >= 0):
+            raise ConfigError(f"rdrop must be a finite number >= 0, got {self.rdrop}")
         if not 0.0 < self.layer_lr_decay <= 1.0:
             raise ConfigError(f"layer_lr_decay must be in (0, 1], got {self.layer_lr_decay}")
 
@@ -277,9 +300,12 @@ class TrainConfig:
 def task_probabilities(sizes, sampling, epoch, epochs):
     """Probability of drawing each task's batch: proportional to its size, or annealed
     (Stickland & Murray 2019): ∝ N^α with α = 1 − 0.8·(e − 1)/(E − 1), from proportional towards
-    uniform over the epochs (e counted from 1)."""
+    uniform over the epochs (e counted from 1); validation: uniform (its steps redraw by the
+    validation scores, see ``mtbert.multitask.sampling``)."""
     if sampling == "proportional":
         alpha = 1.0
+    elif sampling == "validation":
+        alpha = 0.0
     else:
         alpha = 1.0 - 0.8 * epoch / (epochs - 1) if epochs > 1 else 1.0
     weights = [n ** alpha for n in sizes]
@@ -438,6 +464,8 @@ class Trainer:
             self.model.freeze_encoder()
         self.model.to(self.device).train()
         self._build_streams()
+        self.sampling = AdaptiveSampling(config.tasks, config.task_sampling, config.task_patience,
+                                         config.sampling_floor, config.seed)
         self.gradients = make_gradient_path(self.model, config)
         self.optimizer = self.gradients.optimizer
         warmup_steps = int(config.warmup * self.total_steps)
@@ -532,6 +560,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             # So that metrics.jsonl after a resume equals an uninterrupted run's.
             "loss_window": self.loss_window, "token_slots": self.token_slots,
+            "task_sampling": self.sampling.state_dict(),
         }
 
     @staticmethod
@@ -569,6 +598,8 @@ class Trainer:
         self.train_seconds = state["train_seconds"]
         self.loss_window = state["loss_window"]
         self.token_slots = state["token_slots"]
+        if "task_sampling" in state:  # absent from checkpoints older than --task-patience
+            self.sampling.load_state_dict(state["task_sampling"])
 
     def save(self, name="last.pt"):
         state = self.state_dict()  # every rank: the sharded optimizer state is gathered
@@ -659,19 +690,33 @@ class Trainer:
     def _per_task_passes(self, tasks, batches):
         step_losses = {}
         for task, batch in zip(tasks, batches):
-            inputs = {k: v.to(self.device) for k, v in batch["inputs"].items()}
+            inputs, offsets = batch["inputs"], None
+            if self.config.rdrop:  # the batch twice in one forward: two dropout masks
+                inputs, offsets = concat_inputs([inputs, inputs], self.model.encoder.config.pad_token_id)
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
             with self._autocast():
-                scores = self.model(task, inputs)
-            loss = self.model.loss(task, scores.float(), batch["labels"].to(self.device))
-            if not self._finite(task, loss):
+                scores = (self.model.forward_packed([task, task], inputs, offsets) if offsets
+                          else [self.model(task, inputs)])
+            loss, objective = self._objective(task, scores, batch["labels"].to(self.device))
+            if not self._finite(task, objective):
                 return None
-            self.gradients.backward(task, self._loss_weight(task, batch) * loss)
+            self.gradients.backward(task, self._loss_weight(task, batch) * objective)
             step_losses[task] = step_losses.get(task, 0.0) + loss.item() * batch.get("share", 1.0)
         return step_losses
+
+    def _objective(self, task, scores, labels):
+        """(task loss, the loss to back-propagate) of one task slot from its head scores: of its one
+        pass, or of its two passes with --rdrop (:func:`rdrop_objective`)."""
+        if len(scores) == 1:
+            loss = self.model.loss(task, scores[0].float(), labels)
+            return loss, loss
+        return rdrop_objective(self.model, task, scores[0].float(), scores[1].float(), labels, self.config.rdrop)
 
     def _packed_pass(self, tasks, batches):
         # Slots in gradient-row order, so that each task's sequences are one range of rows.
         slots = sorted(zip(tasks, batches), key=lambda slot: self.config.tasks.index(slot[0]))
+        copies = 2 if self.config.rdrop else 1  # R-Drop: each slot twice in a row, in its task's range
+        slots = [slot for slot in slots for _ in range(copies)]
         tasks = [task for task, _ in slots]
         inputs, offsets = concat_inputs([batch["inputs"] for _, batch in slots],
                                         self.model.encoder.config.pad_token_id)
@@ -681,14 +726,16 @@ class Trainer:
             task_rows[task] = (task_rows.get(task, (begin,))[0], end)
         with self.gradients.task_segments(inputs["attention_mask"], task_rows), self._autocast():
             scores = self.model.forward_packed(tasks, inputs, offsets)
-        losses = [self.model.loss(task, task_scores.float(), batch["labels"].to(self.device))
-                  for task, task_scores, (_, batch) in zip(tasks, scores, slots)]
-        if not all(self._finite(task, loss) for task, loss in zip(tasks, losses)):
+        slots = slots[::copies]  # one (task, batch) per slot, its scores[i * copies:(i + 1) * copies]
+        losses, objectives = zip(*(self._objective(task, scores[i * copies:(i + 1) * copies],
+                                                   batch["labels"].to(self.device))
+                                   for i, (task, batch) in enumerate(slots)))
+        if not all(self._finite(task, objective) for (task, _), objective in zip(slots, objectives)):
             return None
-        self.gradients.backward_packed(sum(self._loss_weight(task, batch) * loss
-                                           for task, loss, (_, batch) in zip(tasks, losses, slots)))
+        self.gradients.backward_packed(sum(self._loss_weight(task, batch) * objective
+                                           for objective, (task, batch) in zip(objectives, slots)))
         step_losses = {}
-        for task, loss, (_, batch) in zip(tasks, losses, slots):
+        for loss, (task, batch) in zip(losses, slots):
             step_losses[task] = step_losses.get(task, 0.0) + loss.item() * batch.get("share", 1.0)
         return step_losses
 
@@ -701,7 +748,7 @@ class Trainer:
         if self.is_main:
             self._truncate_metrics(self.global_step)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
-        while self.epoch < cfg.epochs:
+        while self.epoch < cfg.epochs and not self.sampling.exhausted:
             self._run_epoch()
             if self._stopping() and self.epoch < cfg.epochs:
                 raise TrainingStopped(self.stop_reason, self.out / "last.pt", self.global_step)  # saved at epoch end
@@ -717,8 +764,8 @@ class Trainer:
         step_started = started
         bar = tqdm(total=len(plan), initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and self.is_main), dynamic_ncols=True)
-        while self.step_in_epoch < len(plan):
-            losses, n = self.train_step(plan[self.step_in_epoch])
+        while self.step_in_epoch < len(plan) and not self.sampling.exhausted:
+            losses, n = self.train_step(self._step_tasks(plan[self.step_in_epoch]))
             examples += n
             self.step_in_epoch += 1
             self.global_step += 1
@@ -754,7 +801,8 @@ class Trainer:
         logger.info("epoch %d padding (measured): %s", self.epoch + 1,
                     ", ".join(f"{t} {100 * f:.1f}% of token slots" for t, f in padding.items()))
         self._record(kind="padding", epoch=self.epoch, step=self.global_step, **padding)
-        self._select()
+        if not self.sampling.exhausted:  # else the evaluation that stopped the last task ended the epoch
+            self._select()
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.save()
 
@@ -770,6 +818,7 @@ class Trainer:
         logger.info("%s after %d steps (epoch %s, %.1f min of training): %s", split, self.global_step, epoch,
                     self.train_seconds / 60, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
         self._record(kind=split, epoch=epoch, step=self.global_step, train_minutes=self.train_seconds / 60, **scores)
+        self._observe_for_sampling(scores)
         selection = evaluation.selection_score(scores)
         model = {"config": self.config.to_dict(), "encoder_config": self.model.encoder.config.to_dict(),
                  "model": self.model.state_dict(), "selected_on": split, "scores": scores, "epoch": epoch,
@@ -781,6 +830,28 @@ class Trainer:
             if self.is_main:
                 save_checkpoint(model, self.out / "best.pt")
         return time.perf_counter() - started
+
+    def _step_tasks(self, planned):
+        """The task slots of the next step: the epoch plan's, unless --task-patience or
+        --task-sampling validation redraws them (:class:`AdaptiveSampling`)."""
+        cfg = self.config
+        probabilities = None
+        if self.sampling.stopped and cfg.task_sampling in ("proportional", "annealed"):
+            values = task_probabilities([self.batches_per_task[t] for t in cfg.tasks], cfg.task_sampling,
+                                        self.epoch, cfg.epochs)
+            probabilities = dict(zip(cfg.tasks, values))
+        return self.sampling.step_tasks(planned, self.global_step, probabilities)
+
+    def _observe_for_sampling(self, scores):
+        """Feeds an evaluation to the adaptive sampling; logs and records what it changed."""
+        if not (self.config.task_patience or self.config.task_sampling == "validation"):
+            return
+        for task in self.sampling.observe(scores):
+            logger.info("%s: no better validation score for %d evaluations: no longer drawn after step %d",
+                        task, self.config.task_patience, self.global_step)
+        if self.sampling.exhausted:
+            logger.info("every task has stopped improving: training ends after step %d", self.global_step)
+        self._record(kind="sampling", step=self.global_step, **self.sampling.record())
 
     def evaluate(self, sets=None, sharded=True):
         """Scores and predictions of ``sets`` (default: the dev sets). Under torchrun, ``sharded``:
