@@ -119,6 +119,29 @@ def test_every_option_trains_with_finite_losses(tiny_model_dir, toy_data, tmp_pa
         assert not all(torch.equal(p, frozen[name]) for name, p in trainer.model.encoder.named_parameters())
 
 
+@pytest.mark.parametrize("passes", ["packed", "per-task"])
+def test_logged_loss_is_the_mean_per_batch_when_a_task_is_drawn_twice(tiny_model_dir, toy_data, tmp_path, passes):
+    config = _config(tiny_model_dir, toy_data, tmp_path, batch_size=4, max_train_examples=24, max_dev_examples=4,
+                     task_sampling="proportional", passes=passes, log_every=1)
+    trainer = Trainer(config)
+    batch_losses, compute_loss = [], trainer.model.loss
+
+    def recording_loss(task, scores, labels):
+        loss = compute_loss(task, scores, labels)
+        batch_losses.append((trainer.global_step + 1, task, loss.item()))
+        return loss
+
+    trainer.model.loss = recording_loss
+    trainer.fit()
+    records = _records(tmp_path, "train")
+    assert any(sum(1 for step, t, _ in batch_losses if step == r["step"] and t == task) > 1
+               for r in records for task in r["loss"])  # some step drew a task twice
+    for record in records:
+        for task, logged in record["loss"].items():
+            values = [value for step, t, value in batch_losses if step == record["step"] and t == task]
+            assert logged == pytest.approx(sum(values) / len(values), rel=1e-6)
+
+
 def _parse_predictions(path):
     lines = path.read_text(encoding="utf-8").splitlines()
     header, rows = lines[0], [line.rsplit(" , ", 1) for line in lines[1:]]

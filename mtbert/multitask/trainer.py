@@ -765,13 +765,16 @@ class Trainer:
         bar = tqdm(total=len(plan), initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and self.is_main), dynamic_ncols=True)
         while self.step_in_epoch < len(plan) and not self.sampling.exhausted:
-            losses, n = self.train_step(self._step_tasks(plan[self.step_in_epoch]))
+            tasks = self._step_tasks(plan[self.step_in_epoch])
+            losses, n = self.train_step(tasks)
             examples += n
             self.step_in_epoch += 1
             self.global_step += 1
             for task, value in (losses or {}).items():
+                # A task drawn k times in a step (proportional sampling) reports the sum of its k
+                # batch losses: the window averages per batch.
                 window[task][0] += value
-                window[task][1] += 1
+                window[task][1] += tasks.count(task)
             speed = examples / (time.perf_counter() - started)
             if cfg.progress and self.is_main:
                 bar.update(1)
