@@ -77,7 +77,7 @@ ROWS = [
     ("rdrop", "the `make demo` setup with R-Drop, alpha 1 (each batch twice, symmetric KL of the two passes)",
      DEMO + ["--rdrop", "1"]),
     # The sampling levers act after validation evaluations: every 15 steps, the same in their baseline.
-    ("demo-eval15", "the `make demo` setup evaluated on the validation split every 15 steps (best.pt among 4)",
+    ("demo-eval15", "the `make demo` setup evaluated on the validation split every 15 steps (best.pt among its evaluations)",
      DEMO + ["--eval-every", "15"]),
     ("task-patience", "demo-eval15 with per-task early stopping of the sampling, patience 1 evaluation",
      DEMO + ["--eval-every", "15", "--task-patience", "1"]),
