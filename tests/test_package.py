@@ -18,7 +18,8 @@ from mtbert.pretrained import resolve_model_dir
 from mtbert.train import build_parser, config_for_new_run, settings_from_args
 
 REPO = Path(__file__).resolve().parents[1]
-DOCUMENTS = ["README.md", "benchmarks/results/best_config.md", "benchmarks/results/paper_table.md"]
+DOCUMENTS = ["README.md", "benchmarks/results/best_config.md", "benchmarks/results/paper_table.md",
+             "benchmarks/results/levers.md"]
 
 
 def _documented_commands():
@@ -45,9 +46,10 @@ COMMANDS = _documented_commands()
 
 def test_the_documents_hold_the_commands_this_test_expects():
     where = [(name, module) for name, module, _ in COMMANDS]
-    assert where.count(("README.md", "train")) == 1 and where.count(("README.md", "data")) == 3
-    rows = json.loads((REPO / "benchmarks/results/paper_table.json").read_text())  # one command per stored row
-    assert where.count(("benchmarks/results/paper_table.md", "train")) == len(rows)
+    assert where.count(("README.md", "train")) == 2 and where.count(("README.md", "data")) == 3
+    for table in ("paper_table", "levers"):  # one command per stored row
+        rows = json.loads((REPO / f"benchmarks/results/{table}.json").read_text())
+        assert where.count((f"benchmarks/results/{table}.md", "train")) == len(rows)
     assert ("benchmarks/results/best_config.md", "train") in where and ("Makefile", "train") in where
 
 
