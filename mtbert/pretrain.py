@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import ConfigError, run_command
+from .errors import ConfigError, make_directory, run_command
 from .pretrained import DEFAULT_MODEL
 
 logger = logging.getLogger("mtbert.pretrain")
@@ -62,7 +62,6 @@ def _check(args):
 
 
 def run(args) -> int:
-    from .errors import make_directory
     from .multitask.mlm import MaskedLMTrainer, training_sentences
 
     _check(args)
