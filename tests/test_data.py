@@ -12,8 +12,8 @@ from mtbert.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.from_pretrained("all-MiniLM-L6-v2")
+def tokenizer(minilm_dir):
+    return Tokenizer.from_pretrained(minilm_dir)
 
 
 # -- the real files ------------------------------------------------------------------------------

@@ -58,10 +58,10 @@ def test_config_overrides_apply(minilm_dir):
     assert model.encoder.layer[0].output.dropout.p == 0.3
 
 
-def test_bundled_name_resolves(minilm_dir):
+def test_bundled_name_resolves(bundled_minilm_dir):
     for name in ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
         model = BertModel.from_pretrained(name)
-        assert model.model_dir == minilm_dir
+        assert model.model_dir == bundled_minilm_dir
         assert model.config.hidden_size == 384
 
 
@@ -104,3 +104,66 @@ def test_extension_error_says_how_to_build(monkeypatch):
     monkeypatch.setattr(_extension, "IMPORT_ERROR", ImportError("no module named mtbert._C"))
     with pytest.raises(RuntimeError, match="make build"):
         _extension.ops()
+
+
+# -- random-init checkpoints (python -m mtbert.pretrained random-init) --------------------------------
+
+def config_source(directory, **overrides):
+    """A checkpoint directory without weights: TINY's config.json and a 60-token vocab.txt."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"word{i}" for i in range(TINY["vocab_size"] - 5)]
+    (directory / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    BertConfig(**{**TINY, **overrides}).save(directory)
+    return directory
+
+
+def test_random_init_checkpoint_loads_everywhere_with_the_same_outputs(tmp_path, capsys):
+    from mtbert import Tokenizer
+    from mtbert.pretrained import main
+
+    source = config_source(tmp_path / "source")
+    state_before = torch.get_rng_state()
+    assert main(["random-init", "--config", str(source), "--out", str(tmp_path / "random"), "--seed", "3"]) == 0
+    assert "written to" in capsys.readouterr().out
+    assert torch.equal(torch.get_rng_state(), state_before)  # the caller's random stream is untouched
+    ours = BertModel.from_pretrained(tmp_path / "random")
+    encoder_outputs_match(ours, transformers.BertModel.from_pretrained(tmp_path / "random", attn_implementation="eager"))
+    assert Tokenizer.from_pretrained(tmp_path / "random")("word3 word7")["input_ids"].tolist() == [[2, 8, 12, 3]]
+    # BERT's initialisation as BertModel itself draws it from that seed; another seed draws other weights.
+    torch.manual_seed(3)
+    for (name, a), b in zip(ours.state_dict().items(), BertModel(BertConfig(**TINY)).state_dict().values()):
+        assert torch.equal(a, b), name
+    assert main(["random-init", "--config", str(source), "--out", str(tmp_path / "other"), "--seed", "4"]) == 0
+    other = BertModel.from_pretrained(tmp_path / "other")
+    assert not torch.equal(other.embeddings.word_embeddings.weight, ours.embeddings.word_embeddings.weight)
+
+
+@pytest.mark.parametrize("breakage,message", [
+    ("no config.json", "has no config.json"),
+    ("config.json not JSON", "is not a usable BERT config"),
+    ("hidden_size not divisible", "is not a usable BERT config: hidden_size"),
+    ("no tokenizer files", "has no tokenizer files"),
+    ("vocab larger than the config's", "more than config.json's vocab_size 20"),
+    ("out holds a model", "already holds a model.safetensors"),
+])
+def test_random_init_refuses_bad_config_dirs_in_one_line(tmp_path, capsys, breakage, message):
+    from mtbert.pretrained import main
+
+    source = config_source(tmp_path / "source", **({"vocab_size": 20} if breakage.startswith("vocab") else {}))
+    out = tmp_path / "out"
+    if breakage == "no config.json":
+        (source / "config.json").unlink()
+    elif breakage == "config.json not JSON":
+        (source / "config.json").write_text("{not json")
+    elif breakage == "hidden_size not divisible":
+        (source / "config.json").write_text(json.dumps({**TINY, "num_attention_heads": 5}))
+    elif breakage == "no tokenizer files":
+        (source / "vocab.txt").unlink()
+    elif breakage == "out holds a model":
+        out.mkdir()
+        (out / "model.safetensors").write_bytes(b"a real checkpoint")
+    assert main(["random-init", "--config", str(source), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("python -m mtbert.pretrained: error: ") and message in error and error.count("\n") == 1
+    if breakage == "out holds a model":
+        assert (out / "model.safetensors").read_bytes() == b"a real checkpoint"
