@@ -1,0 +1,87 @@
+"""The extension's CUDA kernels (csrc/cuda/: gradient_gram, gradient_combine, adamw_step) on the
+GPU, against the references of their CPU tests: float64 Gram matrices, the plain per-pair PCGrad
+and main + auxiliary loops (combine_reference), torch.optim.AdamW and the float64 AdamW formula.
+
+Skipped without a GPU (CI has none); benchmarks/gpu_check.sh runs them on one and counts a skip as
+a failure, so a CPU-only build of mtbert._C on a GPU machine fails there."""
+import pytest
+import torch
+
+from mtbert import _extension
+
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.skipif(not _extension.available(), reason="mtbert._C is not built")]
+
+from mtbert.optim import FusedAdamW, adamw_reference, combine_gradients, combine_reference, pcgrad_orders  # noqa: E402
+from mtbert.optim import _ops  # noqa: E402
+from test_adamw import decay_groups, small_model  # noqa: E402
+from test_pcgrad import KINDS, assert_matches, boundaries_for, make_grads  # noqa: E402
+
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize("P", [1, 997, 1 << 20 | 3])  # one column, a few blocks, many blocks and a ragged tail
+@pytest.mark.parametrize("K", [2, 5])
+def test_gradient_gram_matches_float64_per_segment(K, P):
+    grads = torch.randn(K, P)
+    boundaries = sorted({0, P // 3, P // 2, P})
+    gram = _ops.gradient_gram(grads.to(CUDA), boundaries).cpu()
+    assert gram.dtype == torch.float64 and gram.shape == (len(boundaries) - 1, K, K)
+    for c, (begin, end) in enumerate(zip(boundaries, boundaries[1:])):
+        segment = grads[:, begin:end].double()
+        torch.testing.assert_close(gram[c], segment @ segment.T, rtol=1e-5, atol=1e-5 * (end - begin))
+
+
+@pytest.mark.parametrize("K", [2, 3, 6])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method,scope,reduction", [("pcgrad", "shared", "sum"), ("pcgrad", "all", "mean"),
+                                                    ("main-aux", "shared", "sum"), ("sum", "shared", "sum")])
+def test_combination_on_cuda_matches_per_pair_reference(K, kind, method, scope, reduction):
+    gen = torch.Generator().manual_seed(K * 100 + KINDS.index(kind))
+    grads = make_grads(kind, K, gen)
+    boundaries = boundaries_for(K, scope)
+    options = {"orders": pcgrad_orders(K, gen), "reduction": reduction} if method == "pcgrad" else {}
+    if method == "main-aux":
+        options = {"main": K - 1 if kind == "zero" else 1, "aux_weight": 0.3}
+    out = torch.full((grads.shape[1],), float("nan"), device=CUDA)
+    combine_gradients(grads.to(CUDA), out, method, boundaries=boundaries, **options)
+    assert_matches(out.cpu(), combine_reference(grads, method, boundaries=boundaries, **options))
+
+
+def test_fused_adamw_on_cuda_matches_torch_adamw_on_cuda():
+    ours, theirs = small_model().to(CUDA), small_model().to(CUDA)
+    opt_ours = FusedAdamW(decay_groups(ours, 0.05), lr=1e-3, eps=1e-8, formula="torch")
+    opt_theirs = torch.optim.AdamW(decay_groups(theirs, 0.05), lr=1e-3, eps=1e-8)
+    teacher = small_model(seed=7).to(CUDA)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        x = torch.randn(8, 13, generator=gen).to(CUDA)
+        with torch.no_grad():
+            y = teacher(x)
+        for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            (model(x) - y).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert opt_ours.flat.params.device.type == "cuda"
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6 * q.abs().max().item())
+
+
+@pytest.mark.parametrize("formula, correct_bias", [("handout", True), ("handout", False), ("torch", True)])
+def test_fused_adamw_on_cuda_matches_float64_formula(formula, correct_bias):
+    shapes = [(1,), (17,), (3, 5), (100_003,)]  # length 1, odd sizes, one spanning many thread blocks
+    params = [torch.nn.Parameter(torch.randn(s, device=CUDA)) for s in shapes]
+    reference = [p.detach().cpu().double() for p in params]
+    moments = [(torch.zeros_like(r), torch.zeros_like(r)) for r in reference]
+    hyper = dict(lr=3e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, correct_bias=correct_bias, formula=formula)
+    opt = FusedAdamW(params, **hyper)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(1, 31):
+        for p, r, (m, v) in zip(params, reference, moments):
+            g = torch.randn(p.shape, generator=gen) * (0.0 if step == 3 else 1.0)  # one all-zero gradient step
+            p.grad.copy_(g)
+            adamw_reference(r, g.double(), m, v, step, **hyper)
+        opt.step()
+    for p, r in zip(params, reference):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p.cpu().double(), r, rtol=1e-5, atol=1e-6)
