@@ -34,14 +34,16 @@ def decay_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0, "lr": 2e-3}]
 
 
-def test_torch_formula_matches_torch_adamw_over_1000_steps(one_thread):
-    ours, theirs = small_model(), small_model()
+def torch_formula_matches_torch_adamw(steps: int, device=torch.device("cpu")) -> FusedAdamW:
+    """FusedAdamW (formula "torch") and torch.optim.AdamW train the same small model on ``device``
+    for ``steps`` steps; checks that the weights agree and returns FusedAdamW."""
+    ours, theirs = small_model().to(device), small_model().to(device)
     opt_ours = FusedAdamW(decay_groups(ours, 0.05), lr=1e-3, eps=1e-8, formula="torch")
     opt_theirs = torch.optim.AdamW(decay_groups(theirs, 0.05), lr=1e-3, eps=1e-8)
-    teacher = small_model(seed=7)  # a regression target keeps the weights O(1), away from a noisy optimum
+    teacher = small_model(seed=7).to(device)  # a regression target keeps the weights O(1), away from a noisy optimum
     gen = torch.Generator().manual_seed(0)
-    for _ in range(1000):
-        x = torch.randn(8, 13, generator=gen)
+    for _ in range(steps):
+        x = torch.randn(8, 13, generator=gen).to(device)
         with torch.no_grad():
             y = teacher(x)
         for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
@@ -50,6 +52,30 @@ def test_torch_formula_matches_torch_adamw_over_1000_steps(one_thread):
             opt.zero_grad()
     for p, q in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6 * q.abs().max().item())
+    return opt_ours
+
+
+def test_torch_formula_matches_torch_adamw_over_1000_steps(one_thread):
+    torch_formula_matches_torch_adamw(steps=1000)
+
+
+def steps_match_float64_formula(params, hyper: dict, steps: int) -> FusedAdamW:
+    """Takes ``steps`` FusedAdamW steps on ``params`` (any device) with seeded random gradients, one
+    step's all zero, and checks them against adamw_reference in float64 on the CPU; returns the optimizer."""
+    reference = [p.detach().cpu().double() for p in params]
+    moments = [(torch.zeros_like(r), torch.zeros_like(r)) for r in reference]
+    opt = FusedAdamW(params, **hyper)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(1, steps + 1):
+        for p, r, (m, v) in zip(params, reference, moments):
+            g = torch.randn(p.shape, generator=gen) * (0.0 if step == 3 else 1.0)  # one all-zero gradient step
+            p.grad.copy_(g)
+            adamw_reference(r, g.double(), m, v, step, **hyper)
+        opt.step()
+    for p, r in zip(params, reference):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p.detach().cpu().double(), r, rtol=1e-5, atol=1e-6)
+    return opt
 
 
 # torch's formula always corrects the bias, so it has no correct_bias=False case.
@@ -58,21 +84,9 @@ def test_torch_formula_matches_torch_adamw_over_1000_steps(one_thread):
 def test_matches_float64_formula(formula, correct_bias, weight_decay):
     shapes = [(1,), (17,), (3, 5), (1000,)]  # length 1, odd sizes, one longer than a vector
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-    reference = [p.detach().double().clone() for p in params]
-    moments = [(torch.zeros_like(r), torch.zeros_like(r)) for r in reference]
     hyper = dict(lr=3e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=weight_decay, correct_bias=correct_bias,
                  formula=formula)
-    opt = FusedAdamW(params, **hyper)
-    gen = torch.Generator().manual_seed(1)
-    for step in range(1, 51):
-        for p, r, (m, v) in zip(params, reference, moments):
-            g = torch.randn(p.shape, generator=gen) * (0.0 if step == 3 else 1.0)  # one all-zero gradient step
-            p.grad.copy_(g)
-            adamw_reference(r, g.double(), m, v, step, **hyper)
-        opt.step()
-    for p, r in zip(params, reference):
-        assert torch.isfinite(p).all()
-        torch.testing.assert_close(p.double(), r, rtol=1e-5, atol=1e-6)
+    opt = steps_match_float64_formula(params, hyper, steps=50)
     padding = opt.flat.params[opt.flat.span(params[0])[1]:opt.flat.span(params[1])[0]]
     assert padding.numel() > 0 and (padding == 0).all()
 

@@ -12,9 +12,9 @@ from mtbert import _extension
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
               pytest.mark.skipif(not _extension.available(), reason="mtbert._C is not built")]
 
-from mtbert.optim import FusedAdamW, adamw_reference, combine_gradients, combine_reference, pcgrad_orders  # noqa: E402
+from mtbert.optim import combine_gradients, combine_reference, pcgrad_orders  # noqa: E402
 from mtbert.optim import _ops  # noqa: E402
-from test_adamw import decay_groups, small_model  # noqa: E402
+from test_adamw import steps_match_float64_formula, torch_formula_matches_torch_adamw  # noqa: E402
 from test_pcgrad import KINDS, assert_matches, boundaries_for, make_grads  # noqa: E402
 
 CUDA = torch.device("cuda")
@@ -49,39 +49,12 @@ def test_combination_on_cuda_matches_per_pair_reference(K, kind, method, scope, 
 
 
 def test_fused_adamw_on_cuda_matches_torch_adamw_on_cuda():
-    ours, theirs = small_model().to(CUDA), small_model().to(CUDA)
-    opt_ours = FusedAdamW(decay_groups(ours, 0.05), lr=1e-3, eps=1e-8, formula="torch")
-    opt_theirs = torch.optim.AdamW(decay_groups(theirs, 0.05), lr=1e-3, eps=1e-8)
-    teacher = small_model(seed=7).to(CUDA)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(300):
-        x = torch.randn(8, 13, generator=gen).to(CUDA)
-        with torch.no_grad():
-            y = teacher(x)
-        for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
-            (model(x) - y).pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad()
-    assert opt_ours.flat.params.device.type == "cuda"
-    for p, q in zip(ours.parameters(), theirs.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6 * q.abs().max().item())
+    assert torch_formula_matches_torch_adamw(steps=300, device=CUDA).flat.params.device.type == "cuda"
 
 
 @pytest.mark.parametrize("formula, correct_bias", [("handout", True), ("handout", False), ("torch", True)])
 def test_fused_adamw_on_cuda_matches_float64_formula(formula, correct_bias):
     shapes = [(1,), (17,), (3, 5), (100_003,)]  # length 1, odd sizes, one spanning many thread blocks
     params = [torch.nn.Parameter(torch.randn(s, device=CUDA)) for s in shapes]
-    reference = [p.detach().cpu().double() for p in params]
-    moments = [(torch.zeros_like(r), torch.zeros_like(r)) for r in reference]
     hyper = dict(lr=3e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, correct_bias=correct_bias, formula=formula)
-    opt = FusedAdamW(params, **hyper)
-    gen = torch.Generator().manual_seed(1)
-    for step in range(1, 31):
-        for p, r, (m, v) in zip(params, reference, moments):
-            g = torch.randn(p.shape, generator=gen) * (0.0 if step == 3 else 1.0)  # one all-zero gradient step
-            p.grad.copy_(g)
-            adamw_reference(r, g.double(), m, v, step, **hyper)
-        opt.step()
-    for p, r in zip(params, reference):
-        assert torch.isfinite(p).all()
-        torch.testing.assert_close(p.cpu().double(), r, rtol=1e-5, atol=1e-6)
+    assert steps_match_float64_formula(params, hyper, steps=30).flat.params.device.type == "cuda"
