@@ -20,7 +20,8 @@
 #   bash benchmarks/gpu_check.sh
 #   GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh   # rehearsal on a CPU: Triton interpreter, CPU
 #       build, a tiny training run, limits x6, results under /tmp; GPU_CHECK_BENCH_K=EXPR picks
-#       benchmarks (pytest -k), and skips marked "CUDA"/"GPU" are allowed
+#       benchmarks (pytest -k), and skips marked "CUDA"/"GPU" are allowed; with Triton 3.6 the venv
+#       needs numpy<2.4 (its interpreter fails on NumPy 2.4: benchmarks/README.md, "GPU check")
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
