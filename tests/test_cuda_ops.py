@@ -1,6 +1,7 @@
 """The extension's CUDA kernels (csrc/cuda/: gradient_gram, gradient_combine, adamw_step) on the
 GPU, against the references of their CPU tests: float64 Gram matrices, the plain per-pair PCGrad
-and main + auxiliary loops (combine_reference), torch.optim.AdamW and the float64 AdamW formula.
+and main + auxiliary loops (combine_reference), the other methods' CPU results (checked against
+TorchJD there), torch.optim.AdamW and the float64 AdamW formula.
 
 Skipped without a GPU (CI has none); benchmarks/gpu_check.sh runs them on one and counts a skip as
 a failure, so a CPU-only build of mtbert._C on a GPU machine fails there."""
@@ -13,6 +14,7 @@ pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a 
               pytest.mark.skipif(not _extension.available(), reason="mtbert._C is not built")]
 
 from mtbert.optim import combine_gradients, combine_reference, pcgrad_orders  # noqa: E402
+from mtbert.optim.combine import METHODS, REFERENCE_METHODS  # noqa: E402
 from mtbert.optim import _ops  # noqa: E402
 from test_adamw import steps_match_float64_formula, torch_formula_matches_torch_adamw  # noqa: E402
 from test_pcgrad import KINDS, assert_matches, boundaries_for, make_grads  # noqa: E402
@@ -46,6 +48,21 @@ def test_combination_on_cuda_matches_per_pair_reference(K, kind, method, scope, 
     out = torch.full((grads.shape[1],), float("nan"), device=CUDA)
     combine_gradients(grads.to(CUDA), out, method, boundaries=boundaries, **options)
     assert_matches(out.cpu(), combine_reference(grads, method, boundaries=boundaries, **options))
+
+
+@pytest.mark.parametrize("kind", ["random", "conflicting"])
+@pytest.mark.parametrize("method", sorted(set(METHODS) - set(REFERENCE_METHODS)))
+def test_other_methods_on_cuda_equal_their_cpu_results(method, kind):
+    """The methods checked against TorchJD on the CPU (test_methods.py) give the same combination
+    from the GPU's Gram matrix; 1e-3 relative, as the iterative solvers amplify the Grams' rounding."""
+    grads = make_grads(kind, 3, torch.Generator().manual_seed(KINDS.index(kind)))
+    boundaries = boundaries_for(3, "shared")
+    on_cpu, on_cuda = torch.empty(grads.shape[1]), torch.empty(grads.shape[1], device=CUDA)
+    combine_gradients(grads, on_cpu, method, boundaries=boundaries, generator=torch.Generator().manual_seed(0))
+    combine_gradients(grads.to(CUDA), on_cuda, method, boundaries=boundaries,
+                      generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(on_cuda).all()
+    torch.testing.assert_close(on_cuda.cpu(), on_cpu, rtol=1e-3, atol=1e-3 * on_cpu.abs().max().item())
 
 
 def test_fused_adamw_on_cuda_matches_torch_adamw_on_cuda():
