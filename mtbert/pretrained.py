@@ -171,7 +171,7 @@ def build_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     random_init = commands.add_parser(
-        "random-init", help="write a checkpoint with a model's config and tokenizer and random BERT-initialised weights")
+        "random-init", help="write a checkpoint with a model's config and tokenizer and random weights (BERT's init)")
     random_init.add_argument("--config", required=True,
                              help="checkpoint directory or model name whose config.json and tokenizer files to use "
                                   "(its weights are not needed)")

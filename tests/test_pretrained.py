@@ -127,7 +127,8 @@ def test_random_init_checkpoint_loads_everywhere_with_the_same_outputs(tmp_path,
     assert "written to" in capsys.readouterr().out
     assert torch.equal(torch.get_rng_state(), state_before)  # the caller's random stream is untouched
     ours = BertModel.from_pretrained(tmp_path / "random")
-    encoder_outputs_match(ours, transformers.BertModel.from_pretrained(tmp_path / "random", attn_implementation="eager"))
+    theirs = transformers.BertModel.from_pretrained(tmp_path / "random", attn_implementation="eager")
+    encoder_outputs_match(ours, theirs)
     assert Tokenizer.from_pretrained(tmp_path / "random")("word3 word7")["input_ids"].tolist() == [[2, 8, 12, 3]]
     # BERT's initialisation as BertModel itself draws it from that seed; another seed draws other weights.
     torch.manual_seed(3)
