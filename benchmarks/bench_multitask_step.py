@@ -17,7 +17,8 @@ Rows (one table; ratios by real tokens/s, so rows on different batches compare):
 - bf16 (a CPU with AVX-512-BF16 or AMX, or a GPU): the competent rows under bf16 autocast, and
   mtbert's bf16 row (see ``MTBERT_STEPS``).
 
-Before anything is timed, the competent stack and each mtbert step train 3 steps from the same weights on
+Before anything is timed, the competent stack (its Gram matrix in float64 here:
+``stacks.float64_gram_pcgrad``) and each mtbert step train 3 steps from the same weights on
 the same bucketed batches: their combined gradients must agree to 1e-4 (relative, in norm) at
 every step and their parameter changes to 1e-3 (``stacks.check_same_training``); the errors are
 recorded with mtbert's rows. Each row also records where its time goes (forward, backward,
@@ -40,7 +41,8 @@ import torch
 import transformers
 from conftest import (AUTOCAST_DTYPES, DATA_DIR, DEVICE, FULL, MINILM, PRECISIONS, REGIME_NAMES, REGIMES, StepRow,
                       padding_fraction, trainer_batches)
-from stacks import TASKS, CompetentStep, MtbertPackedStep, MtbertStep, PhaseTimer, UsualStep, check_same_training
+from stacks import (TASKS, CompetentStep, MtbertPackedStep, MtbertStep, PhaseTimer, UsualStep, check_same_training,
+                    float64_gram_pcgrad)
 
 from mtbert import BertModel, Tokenizer
 from mtbert.multitask.data import write_synthetic_data
@@ -151,7 +153,8 @@ class _WithKernels:
 
 @pytest.fixture(scope="module")
 def numerics(setup):
-    """The competent stack and mtbert (fp32) train CHECKED_STEPS steps identically; the errors.
+    """The competent stack (with a float64 Gram, the exact reference) and mtbert (fp32) train
+    CHECKED_STEPS steps identically; the errors.
 
     mtbert is checked against the competent stack with the PyTorch ops (``MTBERT_KERNELS=torch``),
     and with its fused CPU kernels against itself with the PyTorch ops. Not the fused kernels against
@@ -164,7 +167,8 @@ def numerics(setup):
     checked = batches["bucketed"][:CHECKED_STEPS]
     errors = {}
     for stack, step_cls in MTBERT_STEPS.items():
-        errors[stack] = check_same_training(CompetentStep(build_model("competent", dropout=False), orders),
+        errors[stack] = check_same_training(CompetentStep(build_model("competent", dropout=False), orders,
+                                                          combination=float64_gram_pcgrad),
                                             _WithKernels(step_cls(build_model(stack, dropout=False), orders), "torch"),
                                             checked)
         if DEVICE.type == "cpu":
