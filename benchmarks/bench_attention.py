@@ -201,7 +201,7 @@ def cs224n_lengths():
             for task in CS224N_TASKS}
 
 
-@pytest.mark.parametrize("row", ROWS, ids=["{}-{}-d{}-{}".format(*batch, head_dim, impl) for batch, head_dim, impl in ROWS])
+@pytest.mark.parametrize("row", ROWS, ids=["{}-{}-d{}-{}".format(*batch, d, impl) for batch, d, impl in ROWS])
 def test_attention(benchmark, request, row):
     (kind, which), head_dim, impl = row
     torch.manual_seed(0)

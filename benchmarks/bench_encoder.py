@@ -1,8 +1,9 @@
 """The encoder's training step (forward + backward, dropout on) in real tokens/s, every row of a
 table with the same weights -- all-MiniLM-L6-v2 (``MTBERT_MINILM``, see conftest), and on a GPU or
-with BENCH_FULL=1 also a random-init BERT-base (``conftest.bert_base_dir``) -- on batches of 32 SST training sentences in two regimes (see
-``conftest.trainer_batches``): random batches padded to the longest (the CS224N starter's way)
-and the trainer's length-bucketed batches. Skipped when the data is absent.
+with BENCH_FULL=1 also a random-init BERT-base (``conftest.bert_base_dir``) -- on batches of 32
+SST training sentences in two regimes (see ``conftest.trainer_batches``): random batches padded to
+the longest (the CS224N starter's way) and the trainer's length-bucketed batches. Skipped when the
+data is absent (a failure with ``MTBERT_NO_SKIP=1``).
 
 Rows (one table; ratios by tokens/s, so rows on different batches compare):
 

@@ -82,9 +82,10 @@ def bandwidth_gbs(benchmarks):
 
 def probe_kinds_gbs(benchmarks):
     """{probe name: median GB/s over its rows (all sizes)}."""
-    names = {b["extra_info"].get("impl", b["name"]) for b in benchmarks if b.get("extra_info", {}).get("bandwidth_probe")}
-    return {name: bandwidth_gbs([b for b in benchmarks if b.get("extra_info", {}).get("impl", b["name"]) == name])
-            for name in sorted(names)}
+    probes = [b for b in benchmarks if b.get("extra_info", {}).get("bandwidth_probe")]
+    names = sorted({b["extra_info"].get("impl", b["name"]) for b in probes})
+    return {name: bandwidth_gbs([b for b in probes if b["extra_info"].get("impl", b["name"]) == name])
+            for name in names}
 
 
 def readable(value):
