@@ -48,7 +48,7 @@ from mtbert.pretrained import resolve_model_dir
 
 BATCH_SIZE = 32
 BATCHES_PER_CALL = 3 if DEVICE.type == "cpu" else 8
-ROUNDS = 5 if DEVICE.type == "cpu" else 10
+ROUNDS = 5  # a GPU run has about 150 s for every suite
 # The compiled competent rows: on the CPU; on a GPU only with BENCH_FULL=1 (their cold compiles,
 # about a minute each, would not fit the GPU run's time).
 COMPILED_ROWS = DEVICE.type == "cpu" or FULL

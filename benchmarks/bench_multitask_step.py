@@ -52,7 +52,7 @@ from mtbert.optim import pcgrad_orders
 BATCH_SIZE = 32
 STEPS_PER_CALL = 2  # different batches each: one bucketed batch's length is not the distribution's
 CHECKED_STEPS = 3
-ROUNDS = 3 if DEVICE.type == "cpu" else 10
+ROUNDS = 3 if DEVICE.type == "cpu" else 5  # a GPU run has about 150 s for every suite
 # The compiled competent rows: on the CPU; on a GPU only with BENCH_FULL=1 (their cold compiles
 # would not fit the GPU run's time).
 COMPILED_ROWS = DEVICE.type == "cpu" or FULL
