@@ -22,7 +22,7 @@ Conventions the benchmark files follow so that the report can read them:
   row, shown with it; ``["compile_s"]``: the untimed warm-up that compiled a row;
 - ``extra_info["matmul_probe"] = True`` with ``["gemm_flops"]`` and ``["precision"]``: a row of the
   matrix-multiply rate; the best such row per precision is that precision's reference rate, and
-  every row with ``gemm_flops`` gets GFLOP/s and the fraction of its precision's rate (with the
+  every row with ``gemm_flops`` gets GFLOP/s (TFLOP/s at a GPU's rates) and the fraction of its precision's rate (with the
   formula from ``["gemm_flops_formula"]`` printed under its table); ``["numerics"]``: the errors of
   the numerics check that preceded the row;
 - ``extra_info["goals"]``, {"baseline" | "competent" | "probe": target}: the row's goals (its ratio
@@ -57,8 +57,14 @@ def machine_lines(data, rates):
     ]
     if rates:
         lines.append("- Matrix-multiply rate, same run (best of the `matrix multiply rate` rows): " + ", ".join(
-            f"{precision} **{rate / 1e9:,.0f} GFLOP/s** ({name})" for precision, (rate, name) in rates.items()))
+            f"{precision} **{rate / flops_unit(rate)[1]:,.0f} {flops_unit(rate)[0]}** ({name})"
+            for precision, (rate, name) in rates.items()))
     return lines
+
+
+def flops_unit(flops_per_s):
+    """(name, scale) of the unit a rate reads best in: TFLOP/s from 10 TFLOP/s on (a GPU), else GFLOP/s."""
+    return ("TFLOP/s", 1e12) if flops_per_s >= 1e13 else ("GFLOP/s", 1e9)
 
 
 def matmul_rates(benchmarks):
@@ -251,7 +257,8 @@ def markdown(data, table, chart_name, rates=None, notes=None, caveat=None, probe
         header += ["median (ms)", "vs baseline"]
         header += ["vs competent"] if has["vs_competent"] else []
         header += ["GB/s", "of probe"] if has["gbs"] else []
-        header += ["GEMM GFLOP/s", "of rate"] if has["gflops"] else []
+        unit, scale = flops_unit(1e9 * max((r.get("gflops", 0) for r in rows), default=0))
+        header += [f"GEMM {unit}", "of rate"] if has["gflops"] else []
         header += [title for key, title in columns[5:] if has[key]]
         out += [f"## {group}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         for r in rows:
@@ -264,7 +271,7 @@ def markdown(data, table, chart_name, rates=None, notes=None, caveat=None, probe
                 cells += [f"{r['gbs']:.1f}" if "gbs" in r else "",
                           f"{r['of_probe']:.0%}" if r.get("of_probe") else ""]
             if has["gflops"]:
-                cells += [f"{r['gflops']:,.1f}" if "gflops" in r else "",
+                cells += [f"{r['gflops'] * 1e9 / scale:,.1f}" if "gflops" in r else "",
                           f"{r['of_rate']:.0%}" if r.get("of_rate") else ""]
             cells += [r.get(key, "") for key, _ in columns[5:] if has[key]]
             out.append("| " + " | ".join(cells) + " |")
