@@ -2,9 +2,14 @@
 GPU, the PyTorch varlen path on the CPU) against torch's scaled_dot_product_attention and the
 naive matmul-softmax-matmul attention of minBERT.
 
-GPU (bfloat16): B = 32/64, L = 64/128/512 (every sequence full, so SDPA's flash backend applies),
-head dims 32 and 64 with 12 heads, against SDPA's flash and memory-efficient backends and the
-naive attention; plus SST-like variable lengths (B = 32, L <= 64) against SDPA with a key mask.
+GPU (bfloat16), head dims 32 and 64 with 12 heads:
+- equal lengths: B = 32, L = 64/128/512 (every sequence full, so SDPA's flash backend applies),
+  against SDPA's flash backend (the baseline) and its memory-efficient one, and the naive attention;
+- the CS224N length distributions: one random batch of each task as the trainer draws it (32 SST
+  sentences; 64 Quora or STS sentences, the pairs' two sides), against SDPA with the key-padding
+  mask on the same batch padded (the backend torch picks; the baseline), the naive attention, and
+  torch's own variable-length attention (``torch.nn.attention.varlen.varlen_attn``) where this
+  torch has it. Needs the data (``MTBERT_DATA``) and MiniLM's tokenizer (``MTBERT_MINILM``).
 CPU (float32): the SST-like batch only, with the two other ways to run packed sequences in
 PyTorch that mtbert's CPU path was chosen against: one SDPA call per length bucket, and SDPA on
 nested (jagged) tensors. Throughput counts the FLOPs of the real tokens only:
@@ -19,16 +24,42 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, FULL, synchronize
+from conftest import DATA_DIR, DEVICE, FULL, MINILM, synchronize, trainer_batches
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mtbert import kernels
+from mtbert import Tokenizer, kernels
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # a torch without it
+    varlen_attn = None
 
 GPU = DEVICE.type == "cuda"
 DTYPE = torch.bfloat16 if GPU else torch.float32
 HEADS = 12
-FULL_SHAPES = [(B, L, d) for B in (32, 64) for L in (64, 128, 512) for d in (32, 64)] if GPU else []
-SST_SHAPES = [(32, d) for d in ((32, 64) if GPU or FULL else (32,))]
+HEAD_DIMS = (32, 64)
+EQUAL_BATCH = 32
+CS224N_TASKS = ("sst", "para", "sts")
+NAIVE = "naive matmul-softmax-matmul (minBERT)"
+# torch's variable-length attention: flash attention, CUDA only.
+TORCH_VARLEN = GPU and varlen_attn is not None
+EQUAL_LENGTH_IMPLS = ["torch SDPA flash", "torch SDPA efficient", NAIVE, "mtbert varlen_attention"]
+VARIABLE_LENGTH_IMPLS = (["torch SDPA (key mask)", NAIVE, "mtbert varlen_attention"]
+                         + (["torch varlen_attn"] if TORCH_VARLEN else [])
+                         + ([] if GPU else ["packed: SDPA per length bucket", "packed: nested-tensor SDPA"]))
+# The timed rows, (batch, head dim, implementation); batch: ("equal", L): EQUAL_BATCH sequences of
+# length L; ("cs224n", task): a random batch of the task (:func:`cs224n_lengths`); ("sst-like", B).
+if GPU:
+    ROWS = ([(("equal", L), d, impl) for L in (64, 128, 512) for d in HEAD_DIMS for impl in EQUAL_LENGTH_IMPLS]
+            + [(("cs224n", task), d, impl) for task in CS224N_TASKS for d in HEAD_DIMS
+               for impl in VARIABLE_LENGTH_IMPLS])
+else:
+    ROWS = [(("sst-like", 32), d, impl) for d in (HEAD_DIMS if FULL else (32,)) for impl in VARIABLE_LENGTH_IMPLS]
+# The layouts of the implementations: packed [tokens, heads, d] (cu_seqlens) or padded [B, L, heads, d].
+PACKED_PREFIXES = ("mtbert", "packed", "torch varlen")
+# Issue #11's goal for mtbert's row on a GPU: >= 1.0x the group's baseline (SDPA flash on equal
+# lengths, SDPA with the key mask on the CS224N batches); shown in the report's goals table.
+GPU_GOAL = {"baseline": 1.0}
 
 
 def sst_like_lengths(batch, seed=0):
@@ -91,7 +122,7 @@ def implementations(case):
         return run
 
     impls = {
-        "naive matmul-softmax-matmul (minBERT)": heads_first(lambda q, k, v: naive(q, k, v, key_ok, scale)),
+        NAIVE: heads_first(lambda q, k, v: naive(q, k, v, key_ok, scale)),
         "mtbert varlen_attention": lambda q, k, v: kernels.varlen_attention(
             q, k, v, case["cu_seqlens"], case["max_len"], softmax_scale=scale),
     }
@@ -104,6 +135,9 @@ def implementations(case):
     else:
         impls["torch SDPA (key mask)"] = heads_first(lambda q, k, v: F.scaled_dot_product_attention(
             q, k, v, attn_mask=key_ok[:, None, None, :], scale=scale))
+    if TORCH_VARLEN:  # its default scale is 1/sqrt(d), the one used here
+        impls["torch varlen_attn"] = lambda q, k, v: varlen_attn(q, k, v, case["cu_seqlens"], case["cu_seqlens"],
+                                                                 case["max_len"], case["max_len"])
     if not GPU:
         impls["packed: SDPA per length bucket"] = lambda q, k, v: sdpa_per_length_bucket(q, k, v, case["cu_seqlens"], scale)
         impls["packed: nested-tensor SDPA"] = lambda q, k, v: sdpa_nested(q, k, v, case["cu_seqlens"], scale)
@@ -112,7 +146,7 @@ def implementations(case):
 
 def run_case(benchmark, group, case, impl):
     fn = implementations(case)[impl]
-    packed = impl.startswith(("mtbert", "packed"))
+    packed = impl.startswith(PACKED_PREFIXES)
     inputs = [t.detach().clone().requires_grad_() for t in case["packed" if packed else "padded"]]
     grad = case["grad"].reshape(-1, *case["grad"].shape[2:])[case["tokens"]] if packed else case["grad"]
 
@@ -128,7 +162,7 @@ def run_case(benchmark, group, case, impl):
     def real(t, is_packed):
         return (t if is_packed else t.reshape(-1, *t.shape[2:])[case["tokens"]]).float()
 
-    naive_fn = implementations(case)["naive matmul-softmax-matmul (minBERT)"]
+    naive_fn = implementations(case)[NAIVE]
     exact = run(naive_fn, [t.float() for t in case["padded"]], case["grad"].float())
     low_precision = run(naive_fn, case["padded"], case["grad"])
     ours = run(fn, case["packed" if packed else "padded"], grad)
@@ -149,26 +183,37 @@ def run_case(benchmark, group, case, impl):
     flops = 3.5 * 4 * HEADS * head_dim * sum(n * n for n in lengths)
     benchmark.group = group
     unit, scale = ("TFLOP", 1e12) if GPU else ("GFLOP", 1e9)
-    benchmark.extra_info.update(impl=impl, baseline=impl.startswith("torch SDPA"), items=flops / scale,
-                                item_name=unit)
+    benchmark.extra_info.update(impl=impl, baseline=impl in ("torch SDPA flash", "torch SDPA (key mask)"),
+                                items=flops / scale, item_name=unit)
+    if GPU and impl.startswith("mtbert"):
+        benchmark.extra_info["goals"] = GPU_GOAL
     benchmark.pedantic(step, rounds=20 if GPU else 5, iterations=1, warmup_rounds=2)
 
 
-@pytest.mark.parametrize("shape", FULL_SHAPES, ids=lambda s: "B{}-L{}-d{}".format(*s))
-@pytest.mark.parametrize("impl", ["torch SDPA flash", "torch SDPA efficient", "naive matmul-softmax-matmul (minBERT)",
-                                  "mtbert varlen_attention"])
-def test_attention_full_lengths(benchmark, shape, impl):
-    B, L, head_dim = shape
-    torch.manual_seed(0)
-    run_case(benchmark, f"attention fwd+bwd B={B} L={L} d={head_dim} bf16", make_case([L] * B, L, head_dim), impl)
+@pytest.fixture(scope="module")
+def cs224n_lengths():
+    """{task: the sequence lengths of one random batch of 32 examples of its training file, as the
+    trainer builds it (pairs: both sides, 64 sequences)}."""
+    if not (DATA_DIR / "ids-sst-train.csv").is_file():
+        pytest.skip(f"CS224N data not found in {DATA_DIR} (set MTBERT_DATA)")
+    tokenizer = Tokenizer.from_pretrained(MINILM)
+    return {task: trainer_batches(task, "random", 1, tokenizer)[0]["inputs"]["attention_mask"].sum(1).tolist()
+            for task in CS224N_TASKS}
 
 
-@pytest.mark.parametrize("shape", SST_SHAPES, ids=lambda s: "B{}-d{}".format(*s))
-@pytest.mark.parametrize("impl", ["torch SDPA (key mask)", "naive matmul-softmax-matmul (minBERT)", "mtbert varlen_attention"]
-                         + ([] if GPU else ["packed: SDPA per length bucket", "packed: nested-tensor SDPA"]))
-def test_attention_sst_lengths(benchmark, shape, impl):
-    B, head_dim = shape
+@pytest.mark.parametrize("row", ROWS, ids=["{}-{}-d{}-{}".format(*batch, d, impl) for batch, d, impl in ROWS])
+def test_attention(benchmark, request, row):
+    (kind, which), head_dim, impl = row
     torch.manual_seed(0)
-    lengths = sst_like_lengths(B)
-    group = f"attention fwd+bwd B={B} SST-like lengths (max {max(lengths)}) d={head_dim} {str(DTYPE)[6:]}"
+    if kind == "equal":
+        lengths = [which] * EQUAL_BATCH
+        group = f"attention fwd+bwd B={EQUAL_BATCH} L={which} d={head_dim} {str(DTYPE)[6:]}"
+    elif kind == "cs224n":
+        lengths = request.getfixturevalue("cs224n_lengths")[which]
+        group = (f"attention fwd+bwd {which} random batch ({len(lengths)} sequences, lengths "
+                 f"{min(lengths)}-{max(lengths)}, mean {sum(lengths) / len(lengths):.0f}) d={head_dim} "
+                 f"{str(DTYPE)[6:]}")
+    else:
+        lengths = sst_like_lengths(which)
+        group = f"attention fwd+bwd B={which} SST-like lengths (max {max(lengths)}) d={head_dim} {str(DTYPE)[6:]}"
     run_case(benchmark, group, make_case(lengths, max(lengths), head_dim), impl)

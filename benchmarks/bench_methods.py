@@ -20,6 +20,7 @@ import time
 import warnings
 
 import torch
+from stacks import float64_gram  # the reference Gram of the check: see there
 
 from mtbert.optim import combine_gradients, make_weighting
 
@@ -47,16 +48,6 @@ def make_grads(K: int, numel: int, seed: int = 0) -> torch.Tensor:
         grads[k].add_(base, alpha=0.5 * (-1) ** k)
     return grads
 
-
-def float64_gram(grads: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
-    """G = J J^T accumulated in float64, a chunk of columns at a time (the reference of the check;
-    a float32 matmul over 22M columns carries ~1e-4 relative error, which ill-conditioned methods
-    such as Nash-MTL at K = 10 amplify)."""
-    gram = torch.zeros(grads.shape[0], grads.shape[0], dtype=torch.float64)
-    for begin in range(0, grads.shape[1], chunk):
-        block = grads[:, begin:begin + chunk].double()
-        gram += block @ block.T
-    return gram
 
 
 def interleaved_medians(functions, rounds: int):

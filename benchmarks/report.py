@@ -7,8 +7,9 @@ Conventions the benchmark files follow so that the report can read them:
 - ``benchmark.extra_info["baseline"] = True`` marks the alternative people use today in that
   group; every other row gets the ratio baseline-median / its-median (> 1 means faster);
 - ``extra_info["bytes"]``: bytes one call must move at the least, for effective GB/s;
-- ``extra_info["bandwidth_probe"] = True``: a memory-bandwidth probe (STREAM-triad-like) timed in
-  the same run, against which the GB/s of the other rows of the report are put;
+- ``extra_info["bandwidth_probe"] = True``: a memory-bandwidth probe (STREAM-triad-like, or a
+  device-to-device copy) timed in the same run, against which the GB/s of the rows of its group
+  are put (of a group without one: the median of all probes);
 - ``extra_info["items"]`` and ``extra_info["item_name"]``: work per call (e.g. 96 examples), for a
   throughput column; when two rows of a group both have items, their ratio is one of throughputs
   (rows on different batches, e.g. random and bucketed, then compare by tokens/s);
@@ -21,9 +22,12 @@ Conventions the benchmark files follow so that the report can read them:
   row, shown with it; ``["compile_s"]``: the untimed warm-up that compiled a row;
 - ``extra_info["matmul_probe"] = True`` with ``["gemm_flops"]`` and ``["precision"]``: a row of the
   matrix-multiply rate; the best such row per precision is that precision's reference rate, and
-  every row with ``gemm_flops`` gets GFLOP/s and the fraction of its precision's rate (with the
+  every row with ``gemm_flops`` gets GFLOP/s (TFLOP/s at a GPU's rates) and the fraction of its precision's rate (with the
   formula from ``["gemm_flops_formula"]`` printed under its table); ``["numerics"]``: the errors of
-  the numerics check that preceded the row.
+  the numerics check that preceded the row;
+- ``extra_info["goals"]``, {"baseline" | "competent" | "probe": target}: the row's goals (its ratio
+  against the baseline, against the competent row of its precision, its fraction of the probe's
+  GB/s), listed with the measured value and met / not met in the report's goals table.
 """
 import argparse
 import json
@@ -53,8 +57,14 @@ def machine_lines(data, rates):
     ]
     if rates:
         lines.append("- Matrix-multiply rate, same run (best of the `matrix multiply rate` rows): " + ", ".join(
-            f"{precision} **{rate / 1e9:,.0f} GFLOP/s** ({name})" for precision, (rate, name) in rates.items()))
+            f"{precision} **{rate / flops_unit(rate)[1]:,.0f} {flops_unit(rate)[0]}** ({name})"
+            for precision, (rate, name) in rates.items()))
     return lines
+
+
+def flops_unit(flops_per_s):
+    """(name, scale) of the unit a rate reads best in: TFLOP/s from 10 TFLOP/s on (a GPU), else GFLOP/s."""
+    return ("TFLOP/s", 1e12) if flops_per_s >= 1e13 else ("GFLOP/s", 1e9)
 
 
 def matmul_rates(benchmarks):
@@ -70,10 +80,18 @@ def matmul_rates(benchmarks):
 
 
 def bandwidth_gbs(benchmarks):
-    """Median GB/s of the bandwidth probes in the run (None when there is none)."""
+    """Median GB/s of the bandwidth probes among ``benchmarks`` (None when there is none)."""
     probes = [b for b in benchmarks if b.get("extra_info", {}).get("bandwidth_probe")]
     rates = [b["extra_info"]["bytes"] / b["stats"]["median"] / 1e9 for b in probes]
     return statistics.median(rates) if rates else None
+
+
+def probe_kinds_gbs(benchmarks):
+    """{probe name: median GB/s over its rows (all sizes)}."""
+    probes = [b for b in benchmarks if b.get("extra_info", {}).get("bandwidth_probe")]
+    names = sorted({b["extra_info"].get("impl", b["name"]) for b in probes})
+    return {name: bandwidth_gbs([b for b in probes if b["extra_info"].get("impl", b["name"]) == name])
+            for name in names}
 
 
 def readable(value):
@@ -125,14 +143,14 @@ def group_rows(benchmarks, probe_gbs, rates=None):
     """{group: [row dicts]} with median, ratios against the group's baseline and its competent
     rows, GB/s, GEMM rate, throughput."""
     rates = rates or {}
-    groups = {}
+    groups, probes = {}, {}
     for bench in benchmarks:
         extra = bench.get("extra_info", {})
-        if extra.get("bandwidth_probe"):
-            continue
-        groups.setdefault(bench.get("group") or bench["name"], []).append(bench)
+        (probes if extra.get("bandwidth_probe") else groups).setdefault(bench.get("group") or bench["name"], []).append(
+            bench)
     table = {}
     for group, members in groups.items():
+        group_probe_gbs = bandwidth_gbs(probes[group]) if group in probes else probe_gbs
         baseline = next((b for b in members if b.get("extra_info", {}).get("baseline")), None)
         competent = fastest_competent(members)
         rows = []
@@ -152,13 +170,14 @@ def group_rows(benchmarks, probe_gbs, rates=None):
             if competent:
                 cells = []
                 if precision in competent:
-                    cells.append(f"{ratio(bench, competent[precision]):.2f}×")
+                    row["competent_ratio"] = ratio(bench, competent[precision])
+                    cells.append(f"{row['competent_ratio']:.2f}×")
                 if precision != "fp32" and "fp32" in competent:
                     cells.append(f"{ratio(bench, competent['fp32']):.2f}× vs fp32")
                 row["vs_competent"] = "; ".join(cells)
             if "bytes" in extra:
                 row["gbs"] = extra["bytes"] / median / 1e9
-                row["of_probe"] = row["gbs"] / probe_gbs if probe_gbs else None
+                row["of_probe"] = row["gbs"] / group_probe_gbs if group_probe_gbs else None
             if "gemm_flops" in extra:
                 row["gflops"] = extra["gemm_flops"] / median / 1e9
                 if precision in rates:
@@ -169,6 +188,8 @@ def group_rows(benchmarks, probe_gbs, rates=None):
                 row["memory"] = f"{extra['peak_memory_mb']:,.0f} MB"
             if "phases_ms" in extra:
                 row["phases"] = " / ".join(f"{phase} {ms:,.0f}" for phase, ms in extra["phases_ms"].items())
+            measured = {"baseline": row["ratio"], "competent": row.get("competent_ratio"), "probe": row.get("of_probe")}
+            row["goals"] = [(kind, target, measured[kind]) for kind, target in extra.get("goals", {}).items()]
             rows.append(row)
         table[group] = rows
     return table
@@ -193,11 +214,32 @@ def group_notes(benchmarks, group):
     return notes
 
 
-def markdown(data, table, probe_gbs, chart_name, rates=None, notes=None, caveat=None):
+GOAL_NAMES = {"baseline": "the baseline", "competent": "the competent stack", "probe": "of the probe's GB/s"}
+
+
+def goal_lines(table):
+    """The goals table: one line per goal of a row, its measured value, met or not."""
+    lines = []
+    for group, rows in table.items():
+        for r in rows:
+            for kind, target, measured in r["goals"]:
+                fmt = (lambda v: f"{v:.0%}") if kind == "probe" else (lambda v: f"{v:.2f}×")
+                met = "—" if measured is None else "**met**" if measured >= target else "not met"
+                lines.append(f"| {group} | {r['name']} | ≥ {fmt(target)} {GOAL_NAMES[kind]} | "
+                             f"{'—' if measured is None else fmt(measured)} | {met} |")
+    if not lines:
+        return []
+    return ["## Goals", "", "| group | row | goal | measured | |", "| --- | --- | --- | ---: | --- |", *lines, ""]
+
+
+def markdown(data, table, chart_name, rates=None, notes=None, caveat=None, probes=None):
     out = ["# mtbert benchmark report", ""] + ([f"**{caveat}**", ""] if caveat else []) + [
         *machine_lines(data, rates or {}), ""]
-    if probe_gbs:
-        out += [f"Memory bandwidth probe (triad, same run): **{probe_gbs:.1f} GB/s**.", ""]
+    if probes:
+        out += ["Memory bandwidth probes (same run, median over their sizes): " + "; ".join(
+            f"{name} **{gbs:,.1f} GB/s**" for name, gbs in probes.items()) + ". A row's \"of probe\" is against "
+            "the probe of its own table.", ""]
+    out += goal_lines(table)
     out += ["Times are medians over the rounds pytest-benchmark ran; the ratio is the baseline's median "
             "divided by the row's (above 1: faster than the baseline measured in the same run), or the "
             "ratio of throughputs where the rows ran on different batches. \"vs competent\": against the "
@@ -215,7 +257,8 @@ def markdown(data, table, probe_gbs, chart_name, rates=None, notes=None, caveat=
         header += ["median (ms)", "vs baseline"]
         header += ["vs competent"] if has["vs_competent"] else []
         header += ["GB/s", "of probe"] if has["gbs"] else []
-        header += ["GEMM GFLOP/s", "of rate"] if has["gflops"] else []
+        unit, scale = flops_unit(1e9 * max((r.get("gflops", 0) for r in rows), default=0))
+        header += [f"GEMM {unit}", "of rate"] if has["gflops"] else []
         header += [title for key, title in columns[5:] if has[key]]
         out += [f"## {group}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         for r in rows:
@@ -228,7 +271,7 @@ def markdown(data, table, probe_gbs, chart_name, rates=None, notes=None, caveat=
                 cells += [f"{r['gbs']:.1f}" if "gbs" in r else "",
                           f"{r['of_probe']:.0%}" if r.get("of_probe") else ""]
             if has["gflops"]:
-                cells += [f"{r['gflops']:,.1f}" if "gflops" in r else "",
+                cells += [f"{r['gflops'] * 1e9 / scale:,.1f}" if "gflops" in r else "",
                           f"{r['of_rate']:.0%}" if r.get("of_rate") else ""]
             cells += [r.get(key, "") for key, _ in columns[5:] if has[key]]
             out.append("| " + " | ".join(cells) + " |")
@@ -280,7 +323,8 @@ def render(json_paths, out_path, caveat=None):
     out_path = Path(out_path)
     chart = out_path.with_name(out_path.stem.lower() + "_speedups.png")
     chart_name = chart.name if bar_chart(table, chart) else None
-    out_path.write_text(markdown(datas[0], table, probe_gbs, chart_name, rates, notes, caveat), encoding="utf-8")
+    out_path.write_text(markdown(datas[0], table, chart_name, rates, notes, caveat, probe_kinds_gbs(benchmarks)),
+                        encoding="utf-8")
     return out_path
 
 

@@ -39,6 +39,23 @@ def test_gram_pcgrad_matches_per_pair_reference_and_extension(K):
     torch.testing.assert_close(stacks.gram_pcgrad(grads, orders), out, rtol=1e-5, atol=1e-5)
 
 
+def test_float64_gram_pcgrad_matches_the_per_pair_reference_across_scales():
+    """The numerics check's reference, with task gradients 1e4 apart in size (as the STS gradient
+    of a random-init MiniLM dwarfs Quora's): its Gram, accumulated in float64 a chunk at a time, is
+    the exact one, and its combination matches the per-pair float64 PCGrad to 1e-7 (the float32
+    Gram's combination was 5e-7 off here, measured)."""
+    generator = torch.Generator().manual_seed(7)
+    grads = conflicting_gradients(3, 2_000_000, generator)
+    grads[1] *= 1e-2
+    grads[2] *= 1e2
+    orders = pcgrad_orders(3, generator)
+    torch.testing.assert_close(stacks.float64_gram(grads, chunk=65_536), grads.double() @ grads.double().T,
+                               rtol=1e-12, atol=0)
+    expected = combine_reference(grads, "pcgrad", orders=orders)  # float64, per pair on the vectors
+    combined = stacks.float64_gram_pcgrad(grads, orders).double()
+    assert float((combined - expected).norm() / expected.norm()) < 1e-7
+
+
 def tiny_models():
     """The same tiny weights as mtbert's encoder and as transformers', identical fresh heads."""
     torch.manual_seed(0)

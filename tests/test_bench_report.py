@@ -80,3 +80,31 @@ def test_report_competent_ratios_regimes_and_matmul_rate(tmp_path):
     assert "| ffn | 10.000 | — | 200.0 | 50% |" in text  # the slower probe row: half the bf16 rate
     assert "- F = 3 x forward" in text and text.count("- F = 3 x forward") == 1
     assert "combined gradients differ by 1.0e-07, 2.0e-07, 3.0e-07" in text and "after 3 steps by 4.0e-05" in text
+
+
+def test_report_goals_table_and_per_group_probe(tmp_path):
+    """A row's goals are listed with the measured value, met or not; a group with its own bandwidth
+    probe (a GPU copy) puts its rows against that probe, other groups against the median of all."""
+    data = {
+        "datetime": "2026-11-29T12:00:00",
+        "machine_info": {"cpu": {"brand_raw": "Test CPU"}, "python_version": "3.12",
+                         "mtbert": {"cores": 16, "gpu": "Test GPU", "torch": "2.11.0", "triton": "3.6.0"}},
+        "benchmarks": [
+            entry("triad", "bandwidth", 0.5, impl="triad", bandwidth_probe=True, bytes=10e9),       # 20 GB/s
+            entry("copy", "layer norm", 0.001, impl="copy", bandwidth_probe=True, bytes=4e9),       # 4,000 GB/s
+            entry("torch ln", "layer norm", 0.004, impl="F.layer_norm", baseline=True, bytes=8e9),
+            # 1.6x the baseline (goal 1.2x: met); 8e9 B in 2.5 ms = 3,200 GB/s = 80% of its copy (goal 75%: met).
+            entry("ours ln", "layer norm", 0.0025, impl="mtbert", bytes=8e9, goals={"baseline": 1.2, "probe": 0.75}),
+            entry("torch adamw", "adamw", 0.004, impl="torch", baseline=True, bytes=40e6),
+            # 2.0x the baseline against a goal of 3x: not met.
+            entry("ours adamw", "adamw", 0.002, impl="FusedAdamW", bytes=40e6, goals={"baseline": 3.0}),
+        ],
+    }
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(data))
+    text = report.render([path], tmp_path / "REPORT.md").read_text()
+    assert "| layer norm | mtbert | ≥ 1.20× the baseline | 1.60× | **met** |" in text
+    assert "| layer norm | mtbert | ≥ 75% of the probe's GB/s | 80% | **met** |" in text
+    assert "| adamw | FusedAdamW | ≥ 3.00× the baseline | 2.00× | not met |" in text
+    assert "| mtbert | 2.500 | 1.60× | 3200.0 | 80% |" in text
+    assert "copy **4,000.0 GB/s**" in text and "triad **20.0 GB/s**" in text
