@@ -196,6 +196,9 @@ tail -n +2 "$STEPS" | cut -f2 | grep -qv '^ok$' && status=1
 echo "=== done $(date -u +%T) in ${SECONDS}s, status $status; results in $RESULTS"
 cat "$STEPS"
 if [ -n "${OUT:-}" ]; then
+    echo "=== to $OUT: $(basename "$RESULTS").tar.gz, REPORT.md, log.txt"
+    exec >/dev/null 2>&1  # the log ends here: tee writes its last lines before log.txt is copied
+    sleep 1
     tar -czf "$OUT/$(basename "$RESULTS").tar.gz" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")"
     cp "$RESULTS/REPORT.md" "$RESULTS/log.txt" "$OUT/"
 fi
