@@ -1,0 +1,293 @@
+// varlen_attention_cpu(q, k, v: [T, heads, head_dim] float32, cu_seqlens: [B + 1] int32, max_seqlen, scale,
+//                      dropout_p, seed: [] int64) -> (out: [T, heads, head_dim], probs: [heads · Σ_b L_b²],
+//                                                     keep: uint8 of probs' size, or [0] without dropout)
+// varlen_attention_cpu_backward(grad_out, q, k, v, probs, keep, cu_seqlens, max_seqlen, scale, dropout_p)
+//     -> (grad_q, grad_k, grad_v: [T, heads, head_dim])
+//
+// Attention within each packed sequence, straight from the packed q, k, v: one (sequence, head) at a
+// time, S = q kᵀ · scale into that block of `probs` (an [L, L] matrix product), the softmax and
+// dropout row by row in place, out = (P ∘ Z / (1 - p)) v. The CPU path before it padded q, k, v to
+// [B, heads, max_len, head_dim] for batched matmuls and gathered the result back: zero-fills,
+// index_put_, index and transposing copies on every layer, forward and backward. q, k, v may be the
+// strided views `linear(x).view(T, 3, heads, head_dim).unbind(1)` gives (rows of head_dim floats
+// stride(0) apart): the products read them in place (BLAS leading dimensions).
+//
+// probs holds each (sequence b, head h) block [L_b, L_b] of softmax probabilities (before dropout)
+// one after the other, b-major; keep the dropout mask of the same elements, drawn as the other
+// ops' masks (dropout_rng.h) with its own stream. Backward (Z the mask, s = 1 / (1 - p)):
+//     dV = (P ∘ Z s)ᵀ dO,  dP = (dO Vᵀ) ∘ Z s,  dS = P ∘ (dP - Σ_j P dP),  dQ = scale dS K,  dK = scale dSᵀ Q.
+// Every product is float32 BLAS (the sgemm of torch's MKL), every sum float32.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "dropout_rng.h"
+#include "flat_buffer.h"
+#include "float_vectors.h"
+
+// BLAS's sgemm (column-major, 32-bit sizes), exported by torch's CPU library in its MKL builds. Weak,
+// so the extension still loads against a torch without it; plain loops stand in then.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+namespace mtbert {
+
+namespace {
+
+constexpr uint32_t kVarlenAttentionStream = 3;
+
+// Column-major C (m × n) = alpha · op(A) op(B), op transposing where asked; single-threaded (called
+// inside the parallel loop: MKL runs sequentially inside an OpenMP parallel region).
+void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+          int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc) {
+  if (sgemm_ != nullptr) {
+    const int m32 = static_cast<int>(m), n32 = static_cast<int>(n), k32 = static_cast<int>(k);
+    const int lda32 = static_cast<int>(lda), ldb32 = static_cast<int>(ldb), ldc32 = static_cast<int>(ldc);
+    const float beta = 0.0f;
+    sgemm_(transpose_a ? "T" : "N", transpose_b ? "T" : "N", &m32, &n32, &k32, &alpha, a, &lda32, b, &ldb32, &beta,
+           c, &ldc32);
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t i = 0; i < m; ++i) {
+      float sum = 0.0f;
+      for (int64_t l = 0; l < k; ++l) {
+        sum += (transpose_a ? a[l + i * lda] : a[i + l * lda]) * (transpose_b ? b[j + l * ldb] : b[l + j * ldb]);
+      }
+      c[i + j * ldc] = alpha * sum;
+    }
+  }
+}
+
+// Row-major views of one (sequence, head) matrix: element (i, c) at data[i * ld + c].
+struct Rows {
+  float* data;
+  int64_t ld;
+};
+
+// C = alpha · A Bᵀ (a_rows × b_rows, inner n), alpha · A B or alpha · Aᵀ B, all row-major. BLAS is
+// column-major: a row-major M is the column-major Mᵀ in the same memory, so C = op(A) op(B) is
+// computed as Cᵀ = op(B)ᵀ op(A)ᵀ.
+void matmul_transposed_b(Rows a, Rows b, Rows c, int64_t a_rows, int64_t b_rows, int64_t inner, float alpha) {
+  gemm(true, false, b_rows, a_rows, inner, alpha, b.data, b.ld, a.data, a.ld, c.data, c.ld);
+}
+
+void matmul(Rows a, Rows b, Rows c, int64_t a_rows, int64_t inner, int64_t b_cols, float alpha) {
+  gemm(false, false, b_cols, a_rows, inner, alpha, b.data, b.ld, a.data, a.ld, c.data, c.ld);
+}
+
+// A: inner × a_cols, B: inner × b_cols.
+void matmul_transposed_a(Rows a, Rows b, Rows c, int64_t a_cols, int64_t inner, int64_t b_cols, float alpha) {
+  gemm(false, true, b_cols, a_cols, inner, alpha, b.data, b.ld, a.data, a.ld, c.data, c.ld);
+}
+
+// Rows [0, L) of one block, in place: scores (already scaled) -> softmax probabilities; with dropout
+// also `dropped` = probs · keep · s (the matrix the second product reads).
+MTBERT_VECTOR_CLONES
+void softmax_dropout_block(float* probs, const uint8_t* keep, float* dropped, int64_t L, DropoutSettings s) {
+  for (int64_t row = 0; row < L; ++row) {
+    float* p = probs + row * L;
+    float high = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : high)
+    for (int64_t c = 0; c < L; ++c) high = std::max(high, p[c]);
+#pragma omp simd
+    for (int64_t c = 0; c < L; ++c) p[c] = exp_nonpositive(p[c] - high);
+    const float inverse = 1.0f / lane_sum(L, [&](int64_t c) { return p[c]; });
+#pragma omp simd
+    for (int64_t c = 0; c < L; ++c) p[c] *= inverse;
+    if (s.active) {
+      const uint8_t* z = keep + row * L;
+      float* d = dropped + row * L;
+#pragma omp simd
+      for (int64_t c = 0; c < L; ++c) d[c] = p[c] * (static_cast<float>(z[c]) * s.scale);
+    }
+  }
+}
+
+// grad (dO Vᵀ on entry, [L, L]) -> dS = P ∘ (dP - Σ_j P dP) with dP = grad ∘ Z s; with dropout also
+// `dropped` = P ∘ Z s for dV.
+MTBERT_VECTOR_CLONES
+void softmax_dropout_backward_block(const float* probs, const uint8_t* keep, float* grad, float* dropped, int64_t L,
+                                    DropoutSettings s) {
+  for (int64_t row = 0; row < L; ++row) {
+    const float* p = probs + row * L;
+    float* g = grad + row * L;
+    if (s.active) {
+      const uint8_t* z = keep + row * L;
+      float* d = dropped + row * L;
+#pragma omp simd
+      for (int64_t c = 0; c < L; ++c) {
+        const float kept = static_cast<float>(z[c]) * s.scale;
+        g[c] *= kept;
+        d[c] = p[c] * kept;
+      }
+    }
+    const float dot = lane_sum(L, [&](int64_t c) { return p[c] * g[c]; });
+#pragma omp simd
+    for (int64_t c = 0; c < L; ++c) g[c] = p[c] * (g[c] - dot);
+  }
+}
+
+// The packed batch's sequences: starts, lengths and each one's first element in probs.
+struct Sequences {
+  std::vector<int64_t> start, length, block;  // block[b]: offset of (b, head 0); heads · Σ L² at the end
+  int64_t heads;
+};
+
+Sequences sequences_of(const at::Tensor& cu_seqlens, int64_t total_tokens, int64_t max_seqlen, int64_t heads) {
+  TORCH_CHECK(cu_seqlens.device().is_cpu() && cu_seqlens.scalar_type() == at::kInt && cu_seqlens.dim() == 1 &&
+                  cu_seqlens.numel() >= 2 && cu_seqlens.is_contiguous(),
+              "cu_seqlens must be a contiguous 1-D int32 CPU tensor of B + 1 >= 2 offsets, got ",
+              cu_seqlens.scalar_type(), " of shape ", cu_seqlens.sizes(), " on ", cu_seqlens.device());
+  const int32_t* offsets = cu_seqlens.data_ptr<int32_t>();
+  const int64_t B = cu_seqlens.numel() - 1;
+  TORCH_CHECK(offsets[0] == 0 && offsets[B] == total_tokens, "cu_seqlens must start at 0 and end at T = ", total_tokens,
+              ", got ", offsets[0], " and ", offsets[B]);
+  Sequences seqs{{}, {}, {0}, heads};
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t length = int64_t{offsets[b + 1]} - offsets[b];
+    TORCH_CHECK(length >= 0, "cu_seqlens must be non-decreasing, got ", offsets[b], " before ", offsets[b + 1]);
+    TORCH_CHECK(length <= max_seqlen, "max_seqlen (", max_seqlen, ") must be >= every length, got ", length);
+    seqs.start.push_back(offsets[b]);
+    seqs.length.push_back(length);
+    seqs.block.push_back(seqs.block.back() + heads * length * length);
+  }
+  return seqs;
+}
+
+// Runs work(b, h) for every (sequence, head) in parallel, one run of consecutive pairs per thread,
+// the runs cut to equal work (L² per pair, plus a fixed cost for the calls): a packed batch of
+// several tasks mixes short and long sequences, so equal counts of pairs would not balance.
+template <typename Work>
+void for_each_sequence_head(const Sequences& seqs, const Work& work) {
+  const int64_t B = static_cast<int64_t>(seqs.length.size()), pairs = B * seqs.heads;
+  std::vector<int64_t> cost(pairs + 1, 0);
+  for (int64_t i = 0; i < pairs; ++i) {
+    const int64_t L = seqs.length[i / seqs.heads];
+    cost[i + 1] = cost[i] + L * L + 256;
+  }
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), pairs));
+  at::parallel_for(0, parts, 1, [&](int64_t first_part, int64_t last_part) {
+    const int64_t begin = std::lower_bound(cost.begin(), cost.end(), cost[pairs] * first_part / parts) - cost.begin();
+    const int64_t end = std::lower_bound(cost.begin(), cost.end(), cost[pairs] * last_part / parts) - cost.begin();
+    for (int64_t i = begin; i < std::min(end, pairs); ++i) work(i / seqs.heads, i % seqs.heads);
+  });
+}
+
+void check_packed(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 3 && t.sizes() == q.sizes(), name, " must have shape [T, heads, head_dim] = ", q.sizes(),
+              ", got ", t.sizes());
+  TORCH_CHECK(t.stride(2) == 1 && t.stride(1) >= t.size(2) && t.stride(0) >= t.size(1) * t.stride(1),
+              name, " must have unit stride over head_dim and non-overlapping heads and tokens, got strides ",
+              t.strides());
+}
+
+Rows rows_of(const at::Tensor& t, int64_t start, int64_t head) {
+  return {t.data_ptr<float>() + start * t.stride(0) + head * t.stride(1), t.stride(0)};
+}
+
+void check_block_buffer(const at::Tensor& t, const char* name, int64_t numel, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 1 && t.numel() == numel &&
+                  t.is_contiguous(),
+              name, " must be a contiguous 1-D ", dtype, " CPU tensor of heads · Σ L² = ", numel,
+              " elements, got ", t.scalar_type(), " of shape ", t.sizes());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                    const at::Tensor& v, const at::Tensor& cu_seqlens,
+                                                                    int64_t max_seqlen, double scale,
+                                                                    double dropout_p, const at::Tensor& seed) {
+  TORCH_CHECK(q.dim() == 3 && q.size(1) > 0 && q.size(2) > 0,
+              "q must be 3-D [T, heads, head_dim] with heads, head_dim > 0, got shape ", q.sizes());
+  check_packed(q, "q", q);
+  check_packed(k, "k", q);
+  check_packed(v, "v", q);
+  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  const DropoutSettings s = dropout_settings(dropout_p, seed);
+  const int64_t T = q.size(0), heads = q.size(1), head_dim = q.size(2);
+  const Sequences seqs = sequences_of(cu_seqlens, T, max_seqlen, heads);
+  const int64_t numel = seqs.block.back();
+  at::Tensor out = at::empty({T, heads, head_dim}, q.options());
+  at::Tensor probs = at::empty({numel}, q.options());
+  at::Tensor keep = at::empty({s.active ? numel : 0}, q.options().dtype(at::kByte));
+  float* probs_p = probs.data_ptr<float>();
+  const uint8_t* keep_p = s.active ? keep.data_ptr<uint8_t>() : nullptr;
+  if (s.active) fill_keep_mask(keep.data_ptr<uint8_t>(), numel, kVarlenAttentionStream, s);
+  for_each_sequence_head(seqs, [&](int64_t b, int64_t h) {
+    thread_local std::vector<float> dropped;
+    const int64_t L = seqs.length[b], start = seqs.start[b], offset = seqs.block[b] + h * L * L;
+    if (L == 0) return;
+    float* p = probs_p + offset;
+    matmul_transposed_b(rows_of(q, start, h), rows_of(k, start, h), {p, L}, L, L, head_dim, static_cast<float>(scale));
+    if (s.active && static_cast<int64_t>(dropped.size()) < L * L) dropped.resize(L * L);
+    softmax_dropout_block(p, s.active ? keep_p + offset : nullptr, dropped.data(), L, s);
+    matmul({s.active ? dropped.data() : p, L}, rows_of(v, start, h), rows_of(out, start, h), L, L, head_dim, 1.0f);
+  });
+  return {out, probs, keep};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_cpu_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& probs,
+    const at::Tensor& keep, const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale, double dropout_p) {
+  TORCH_CHECK(q.dim() == 3 && q.size(1) > 0 && q.size(2) > 0,
+              "q must be 3-D [T, heads, head_dim] with heads, head_dim > 0, got shape ", q.sizes());
+  check_packed(q, "q", q);
+  check_packed(k, "k", q);
+  check_packed(v, "v", q);
+  check_packed(grad_out, "grad_out", q);
+  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  // Only the scale and whether a mask applies are read here: the mask itself is `keep`.
+  const DropoutSettings s = dropout_settings(dropout_p, at::zeros({}, at::kLong));
+  const int64_t T = q.size(0), heads = q.size(1), head_dim = q.size(2);
+  const Sequences seqs = sequences_of(cu_seqlens, T, max_seqlen, heads);
+  const int64_t numel = seqs.block.back();
+  check_block_buffer(probs, "probs", numel, at::kFloat);
+  if (s.active) check_block_buffer(keep, "keep", numel, at::kByte);
+  at::Tensor grad_q = at::empty({T, heads, head_dim}, q.options());
+  at::Tensor grad_k = at::empty_like(grad_q), grad_v = at::empty_like(grad_q);
+  const float* probs_p = probs.data_ptr<float>();
+  const uint8_t* keep_p = s.active ? keep.data_ptr<uint8_t>() : nullptr;
+  for_each_sequence_head(seqs, [&](int64_t b, int64_t h) {
+    thread_local std::vector<float> grad, dropped;
+    const int64_t L = seqs.length[b], start = seqs.start[b], offset = seqs.block[b] + h * L * L;
+    if (L == 0) return;
+    if (static_cast<int64_t>(grad.size()) < L * L) grad.resize(L * L);
+    if (s.active && static_cast<int64_t>(dropped.size()) < L * L) dropped.resize(L * L);
+    const float* p = probs_p + offset;
+    const Rows grad_out_rows = rows_of(grad_out, start, h);
+    matmul_transposed_b(grad_out_rows, rows_of(v, start, h), {grad.data(), L}, L, L, head_dim, 1.0f);  // dO Vᵀ
+    softmax_dropout_backward_block(p, s.active ? keep_p + offset : nullptr, grad.data(), dropped.data(), L, s);
+    // dV = (P ∘ Z s)ᵀ dO
+    matmul_transposed_a({s.active ? dropped.data() : const_cast<float*>(p), L}, grad_out_rows,
+                        rows_of(grad_v, start, h), L, L, head_dim, 1.0f);
+    const float alpha = static_cast<float>(scale);
+    matmul({grad.data(), L}, rows_of(k, start, h), rows_of(grad_q, start, h), L, L, head_dim, alpha);  // dS K
+    matmul_transposed_a({grad.data(), L}, rows_of(q, start, h), rows_of(grad_k, start, h), L, L, head_dim,
+                        alpha);  // dSᵀ Q
+  });
+  return {grad_q, grad_k, grad_v};
+}
+
+TORCH_LIBRARY_FRAGMENT(mtbert, m) {
+  m.def("varlen_attention_cpu(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, float scale, "
+        "float dropout_p, Tensor seed) -> (Tensor, Tensor, Tensor)");
+  m.def("varlen_attention_cpu_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor probs, Tensor keep, "
+        "Tensor cu_seqlens, SymInt max_seqlen, float scale, float dropout_p) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(mtbert, CPU, m) {
+  m.impl("varlen_attention_cpu", &varlen_attention_cpu);
+  m.impl("varlen_attention_cpu_backward", &varlen_attention_cpu_backward);
+}
+
+}  // namespace mtbert
