@@ -28,8 +28,6 @@ namespace mtbert {
 
 namespace {
 
-constexpr uint32_t kSoftmaxStream = 2;
-
 // `e` [L]: float32 scratch for one row's exponentials (the bfloat16 probs cannot hold them unrounded).
 template <typename T>
 MTBERT_ALWAYS_INLINE void softmax_dropout_rows_of(const T* scores, const float* mask_bias, T* out, T* probs,
@@ -152,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_dropout_cpu(const at::Ten
   const int64_t rows = scores.numel() / L, rows_per_sequence = scores.size(1) * scores.size(2);
   const float* bias_p = mask_bias.data_ptr<float>();
   uint8_t* keep_p = s.active ? keep.data_ptr<uint8_t>() : nullptr;
-  if (s.active) fill_keep_mask(keep_p, scores.numel(), kSoftmaxStream, s);
+  if (s.active) fill_keep_mask(keep_p, scores.numel(), kAttentionStream, s);
   const auto run = [&](auto* s_p, auto* out_p, auto* probs_p) {
     at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
       std::vector<float> e(L);

@@ -14,7 +14,9 @@
 //
 // probs holds each (sequence b, head h) block [L_b, L_b] of softmax probabilities (before dropout)
 // one after the other, b-major; keep the dropout mask of the same elements, drawn as the other
-// ops' masks (dropout_rng.h) with its own stream. Backward (Z the mask, s = 1 / (1 - p)):
+// ops' masks (dropout_rng.h), in softmax_dropout's stream: with equal lengths the blocks lie as
+// softmax_dropout's [B, heads, L, L] scores, so both paths draw the same mask.
+// Backward (Z the mask, s = 1 / (1 - p)):
 //     dV = (P ∘ Z s)ᵀ dO,  dP = (dO Vᵀ) ∘ Z s,  dS = P ∘ (dP - Σ_j P dP),  dQ = scale dS K,  dK = scale dSᵀ Q.
 // Every product is float32 BLAS (the sgemm of torch's MKL), every sum float32.
 #include <torch/library.h>
@@ -39,8 +41,6 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 namespace mtbert {
 
 namespace {
-
-constexpr uint32_t kVarlenAttentionStream = 3;
 
 // Column-major C (m × n) = alpha · op(A) op(B), op transposing where asked; single-threaded (called
 // inside the parallel loop: MKL runs sequentially inside an OpenMP parallel region).
@@ -222,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_cpu(const at::Te
   at::Tensor keep = at::empty({s.active ? numel : 0}, q.options().dtype(at::kByte));
   float* probs_p = probs.data_ptr<float>();
   const uint8_t* keep_p = s.active ? keep.data_ptr<uint8_t>() : nullptr;
-  if (s.active) fill_keep_mask(keep.data_ptr<uint8_t>(), numel, kVarlenAttentionStream, s);
+  if (s.active) fill_keep_mask(keep.data_ptr<uint8_t>(), numel, kAttentionStream, s);
   for_each_sequence_head(seqs, [&](int64_t b, int64_t h) {
     thread_local std::vector<float> dropped;
     const int64_t L = seqs.length[b], start = seqs.start[b], offset = seqs.block[b] + h * L * L;

@@ -4,17 +4,19 @@ The C++ op ``mtbert::varlen_attention_cpu`` (csrc/varlen_attention.cpp) runs eac
 as two BLAS products around a fused softmax and dropout, in parallel over the pairs, reading the
 [T, heads, head_dim] q, k, v in place (also the strided views of one fused QKV projection). The
 PyTorch path it replaces (:func:`attention.varlen_attention_torch`) pads q, k, v to
-[B, heads, L, head_dim] for batched matmuls and gathers the result back, copies that cost more than
-its attention products on MiniLM shapes. The probabilities (float32, one [L, L] block per
-(sequence, head)) and the dropout mask (Philox, seeded from torch's generator, its own stream) are
-saved for the backward. Float32 only: under CPU autocast (bfloat16 q, k, v) the dispatcher keeps
-the PyTorch path.
+[B, heads, L, head_dim] for batched matmuls and gathers the result back: zero-fills, index_put_,
+index, transposing copies and cat, about 5% of the packed multitask step in a two-thread profile.
+The probabilities (float32, one [L, L] block per (sequence, head)) and the dropout mask are saved
+for the backward. The mask is Philox, seeded from torch's generator, as ``softmax_dropout``'s: with
+equal lengths it is the padded path's mask. Float32 only: under CPU autocast (bfloat16 q, k, v) the
+dispatcher keeps the PyTorch path.
 """
 import torch
 
 from .. import _extension
 from ._dropout_seed import seed_tensor
 from ._triton import check_finite
+from .attention import _check_inputs
 
 
 def _fake_forward(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed):
@@ -59,10 +61,12 @@ def _packed_layout(t):
 def varlen_attention_cpu(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, seed=None):
     """Packed attention with autograd on the CPU (float32). q, k, v: [T, heads, head_dim];
     cu_seqlens: [B + 1] int32 offsets; max_seqlen: an int >= every length; ``seed`` (an int) fixes
-    the dropout mask, None draws it from torch's generator. Returns [T, heads, head_dim].
-    Arguments are checked by the caller (:func:`attention._check_inputs`); the op checks them again."""
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        check_finite(name, tensor)
+    the dropout mask, None draws it from torch's generator. Returns [T, heads, head_dim]."""
+    _check_inputs(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, dtypes=(torch.float32,),
+                  contiguous=False)
+    if not torch.compiler.is_compiling():  # anomaly mode is read eagerly only
+        for name, tensor in (("q", q), ("k", k), ("v", v)):
+            check_finite(name, tensor)
     _extension.ops()  # a clear error when the extension is not built
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     return torch.ops.mtbert.varlen_attention_cpu(_packed_layout(q), _packed_layout(k), _packed_layout(v), cu_seqlens,
