@@ -25,7 +25,7 @@ from bench_multitask_step import build_model, draw_step_batches  # noqa: E402
 from stacks import TASKS, MtbertPackedStep, PhaseTimer  # noqa: E402
 
 from mtbert import Tokenizer  # noqa: E402
-from mtbert.kernels import attention  # noqa: E402
+from mtbert.kernels.attention import varlen_attention_torch  # noqa: E402
 from mtbert.kernels import varlen_attention_cpu as op_module  # noqa: E402
 from mtbert.optim import pcgrad_orders  # noqa: E402
 
@@ -34,8 +34,8 @@ PACKED_OP = op_module.varlen_attention_cpu
 
 def padded_path(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None):
     """The float32 CPU path before the op."""
-    return attention.varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                                            fused_softmax_dropout=True)
+    return varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                                  fused_softmax_dropout=True)
 
 
 SIDES = {"before (padded per run)": padded_path, "after (packed C++ op)": PACKED_OP}

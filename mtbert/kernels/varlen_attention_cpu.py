@@ -34,9 +34,12 @@ def _setup_context(ctx, inputs, output):
     _, probs, keep = output
     ctx.save_for_backward(q, k, v, probs, keep, cu_seqlens)
     ctx.settings = max_seqlen, scale, dropout_p
+    ctx.set_materialize_grads(False)  # probs and keep get no gradient: no zero-filled stand-ins for them
 
 
 def _backward(ctx, grad_out, grad_probs, grad_keep):  # only the output is differentiated
+    if grad_out is None:
+        return None, None, None, None, None, None, None, None
     q, k, v, probs, keep, cu_seqlens = ctx.saved_tensors
     grads = torch.ops.mtbert.varlen_attention_cpu_backward(_packed_layout(grad_out), q, k, v, probs, keep, cu_seqlens,
                                                            *ctx.settings)
