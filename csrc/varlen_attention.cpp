@@ -1,16 +1,18 @@
-// varlen_attention_cpu(q, k, v: [T, heads, head_dim] float32, cu_seqlens: [B + 1] int32, max_seqlen, scale,
+// varlen_attention_cpu(qkv: [T, 3, heads, head_dim] float32, cu_seqlens: [B + 1] int32, max_seqlen, scale,
 //                      dropout_p, seed: [] int64) -> (out: [T, heads, head_dim], probs: [heads · Σ_b L_b²],
 //                                                     keep: uint8 of probs' size, or [0] without dropout)
-// varlen_attention_cpu_backward(grad_out, q, k, v, probs, keep, cu_seqlens, max_seqlen, scale, dropout_p)
-//     -> (grad_q, grad_k, grad_v: [T, heads, head_dim])
+// varlen_attention_cpu_backward(grad_out, qkv, probs, keep, cu_seqlens, max_seqlen, scale, dropout_p)
+//     -> grad_qkv: [T, 3, heads, head_dim]
 //
 // Attention within each packed sequence, straight from the packed q, k, v: one (sequence, head) at a
 // time, S = q kᵀ · scale into that block of `probs` (an [L, L] matrix product), the softmax and
 // dropout row by row in place, out = (P ∘ Z / (1 - p)) v. The CPU path before it padded q, k, v to
 // [B, heads, max_len, head_dim] for batched matmuls and gathered the result back: zero-fills,
-// index_put_, index and transposing copies on every layer, forward and backward. q, k, v may be the
-// strided views `linear(x).view(T, 3, heads, head_dim).unbind(1)` gives (rows of head_dim floats
-// stride(0) apart): the products read them in place (BLAS leading dimensions).
+// index_put_, index and transposing copies on every layer, forward and backward. q, k, v are read
+// in place from the fused projection `linear(x).view(T, 3, heads, head_dim)` (rows of head_dim
+// floats stride(0) apart: BLAS leading dimensions), and their gradients written into one
+// [T, 3, heads, head_dim] tensor, the projection's output gradient as it is (separate q, k, v
+// would cost a stack of their gradients in unbind's backward).
 //
 // probs holds each (sequence b, head h) block [L_b, L_b] of softmax probabilities (before dropout)
 // one after the other, b-major; keep the dropout mask of the same elements, drawn as the other
@@ -24,6 +26,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -180,6 +183,16 @@ void for_each_sequence_head(const Sequences& seqs, const Work& work) {
   });
 }
 
+// q, k, v: the three [T, heads, head_dim] views of qkv.
+std::array<at::Tensor, 3> unbind_qkv(const at::Tensor& qkv, const char* name) {
+  TORCH_CHECK(qkv.dim() == 4 && qkv.size(1) == 3 && qkv.size(2) > 0 && qkv.size(3) > 0, name,
+              " must be 4-D [T, 3, heads, head_dim] with heads, head_dim > 0, got shape ", qkv.sizes());
+  TORCH_CHECK(qkv.device().is_cpu(), name, " must be a CPU tensor, got ", qkv.device());
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat, name, " must be float32, got ", qkv.scalar_type());
+  return {qkv.select(1, 0), qkv.select(1, 1), qkv.select(1, 2)};
+}
+
+// t: q of qkv, or grad_out (then of q's shape).
 void check_packed(const at::Tensor& t, const char* name, const at::Tensor& q) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
@@ -187,7 +200,7 @@ void check_packed(const at::Tensor& t, const char* name, const at::Tensor& q) {
               ", got ", t.sizes());
   TORCH_CHECK(t.stride(2) == 1 && t.stride(1) >= t.size(2) && t.stride(0) >= t.size(1) * t.stride(1),
               name, " must have unit stride over head_dim and non-overlapping heads and tokens, got strides ",
-              t.strides());
+              t.strides(), " (of each of q, k, v for qkv)");
 }
 
 Rows rows_of(const at::Tensor& t, int64_t start, int64_t head) {
@@ -203,15 +216,11 @@ void check_block_buffer(const at::Tensor& t, const char* name, int64_t numel, at
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                                    const at::Tensor& v, const at::Tensor& cu_seqlens,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& qkv, const at::Tensor& cu_seqlens,
                                                                     int64_t max_seqlen, double scale,
                                                                     double dropout_p, const at::Tensor& seed) {
-  TORCH_CHECK(q.dim() == 3 && q.size(1) > 0 && q.size(2) > 0,
-              "q must be 3-D [T, heads, head_dim] with heads, head_dim > 0, got shape ", q.sizes());
-  check_packed(q, "q", q);
-  check_packed(k, "k", q);
-  check_packed(v, "v", q);
+  const auto [q, k, v] = unbind_qkv(qkv, "qkv");
+  check_packed(q, "qkv", q);
   TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
   const DropoutSettings s = dropout_settings(dropout_p, seed);
   const int64_t T = q.size(0), heads = q.size(1), head_dim = q.size(2);
@@ -236,14 +245,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_cpu(const at::Te
   return {out, probs, keep};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_cpu_backward(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& probs,
-    const at::Tensor& keep, const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale, double dropout_p) {
-  TORCH_CHECK(q.dim() == 3 && q.size(1) > 0 && q.size(2) > 0,
-              "q must be 3-D [T, heads, head_dim] with heads, head_dim > 0, got shape ", q.sizes());
-  check_packed(q, "q", q);
-  check_packed(k, "k", q);
-  check_packed(v, "v", q);
+at::Tensor varlen_attention_cpu_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& probs,
+                                        const at::Tensor& keep, const at::Tensor& cu_seqlens, int64_t max_seqlen,
+                                        double scale, double dropout_p) {
+  const auto [q, k, v] = unbind_qkv(qkv, "qkv");
+  check_packed(q, "qkv", q);
   check_packed(grad_out, "grad_out", q);
   TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
   // Only the scale and whether a mask applies are read here: the mask itself is `keep`.
@@ -253,8 +259,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_cpu_backward(
   const int64_t numel = seqs.block.back();
   check_block_buffer(probs, "probs", numel, at::kFloat);
   if (s.active) check_block_buffer(keep, "keep", numel, at::kByte);
-  at::Tensor grad_q = at::empty({T, heads, head_dim}, q.options());
-  at::Tensor grad_k = at::empty_like(grad_q), grad_v = at::empty_like(grad_q);
+  at::Tensor grad_qkv = at::empty({T, 3, heads, head_dim}, q.options());
+  const auto [grad_q, grad_k, grad_v] = unbind_qkv(grad_qkv, "grad_qkv");
   const float* probs_p = probs.data_ptr<float>();
   const uint8_t* keep_p = s.active ? keep.data_ptr<uint8_t>() : nullptr;
   for_each_sequence_head(seqs, [&](int64_t b, int64_t h) {
@@ -275,14 +281,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_cpu_backward(
     matmul_transposed_a({grad.data(), L}, rows_of(q, start, h), rows_of(grad_k, start, h), L, L, head_dim,
                         alpha);  // dSᵀ Q
   });
-  return {grad_q, grad_k, grad_v};
+  return grad_qkv;
 }
 
 TORCH_LIBRARY_FRAGMENT(mtbert, m) {
-  m.def("varlen_attention_cpu(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, float scale, "
-        "float dropout_p, Tensor seed) -> (Tensor, Tensor, Tensor)");
-  m.def("varlen_attention_cpu_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor probs, Tensor keep, "
-        "Tensor cu_seqlens, SymInt max_seqlen, float scale, float dropout_p) -> (Tensor, Tensor, Tensor)");
+  m.def("varlen_attention_cpu(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, float scale, float dropout_p, "
+        "Tensor seed) -> (Tensor, Tensor, Tensor)");
+  m.def("varlen_attention_cpu_backward(Tensor grad_out, Tensor qkv, Tensor probs, Tensor keep, Tensor cu_seqlens, "
+        "SymInt max_seqlen, float scale, float dropout_p) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mtbert, CPU, m) {

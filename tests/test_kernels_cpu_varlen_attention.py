@@ -1,13 +1,13 @@
 """The packed CPU attention op (csrc/varlen_attention.cpp): output and every gradient against float64
 PyTorch applying the op's own keep mask (so the backward is checked to use the forward's mask), on
-awkward lengths and head sizes, the strided q, k, v views of a fused projection, poisoned
-(NaN-filled) outputs, thread counts, opcheck, the dispatcher, and bad input."""
+awkward lengths and head sizes, the fused [T, 3, heads, head_dim] projection and other layouts,
+poisoned (NaN-filled) outputs, thread counts, opcheck, the dispatcher, and bad input."""
 import pytest
 import torch
 
 from mtbert import _extension, kernels
 from mtbert.kernels.attention import attention_reference, varlen_attention_torch
-from mtbert.kernels.varlen_attention_cpu import varlen_attention_cpu
+from mtbert.kernels.varlen_attention_cpu import varlen_attention_cpu, varlen_attention_qkv_cpu
 
 pytestmark = pytest.mark.skipif(not _extension.available(), reason="needs the compiled extension mtbert._C")
 
@@ -22,9 +22,8 @@ def _cu_seqlens(lengths):
 
 
 def _fused_qkv(T, heads, head_dim):
-    """q, k, v as the encoder makes them: strided views of one [T, 3, heads, head_dim] projection."""
-    qkv = (2 * torch.randn(T, 3, heads, head_dim)).requires_grad_()
-    return qkv, qkv.unbind(1)
+    """q, k, v as the encoder makes them: one [T, 3, heads, head_dim] projection, a view of [T, 3H]."""
+    return (2 * torch.randn(T, 3 * heads * head_dim)).view(T, 3, heads, head_dim).requires_grad_()
 
 
 def _keep_masks(keep, lengths, heads, dropout_p):
@@ -41,11 +40,11 @@ def _keep_masks(keep, lengths, heads, dropout_p):
 
 def _check_against_float64(lengths, heads, head_dim, dropout_p, scale=None, seed=17):
     cu_seqlens, T = _cu_seqlens(lengths), sum(lengths)
-    qkv, (q, k, v) = _fused_qkv(T, heads, head_dim)
-    out = varlen_attention_cpu(q, k, v, cu_seqlens, max(lengths), dropout_p, scale, seed=seed)
+    qkv = _fused_qkv(T, heads, head_dim)
+    out = varlen_attention_qkv_cpu(qkv, cu_seqlens, max(lengths), dropout_p, scale, seed=seed)
     op_scale = scale if scale is not None else head_dim ** -0.5
-    keep = torch.ops.mtbert.varlen_attention_cpu(q.detach(), k.detach(), v.detach(), cu_seqlens, max(lengths), op_scale,
-                                                 dropout_p, torch.tensor(seed))[2]
+    keep = torch.ops.mtbert.varlen_attention_cpu(qkv.detach(), cu_seqlens, max(lengths), op_scale, dropout_p,
+                                                 torch.tensor(seed))[2]
     reference_qkv = qkv.detach().double().requires_grad_()
     out_ref = attention_reference(*reference_qkv.unbind(1), cu_seqlens, scale,
                                   keep_mask=_keep_masks(keep, lengths, heads, dropout_p), dropout_p=dropout_p)
@@ -54,6 +53,7 @@ def _check_against_float64(lengths, heads, head_dim, dropout_p, scale=None, seed
     grad_out = torch.randn(T, heads, head_dim)
     out.backward(grad_out)
     out_ref.backward(grad_out.double())
+    assert qkv.grad.shape == qkv.shape
     for name, index in (("q", 0), ("k", 1), ("v", 2)):
         torch.testing.assert_close(qkv.grad[:, index].double(), reference_qkv.grad[:, index], **TOL,
                                    msg=lambda m: f"d{name}: {m}")
@@ -90,13 +90,13 @@ def test_threads_split_the_work_without_changing_the_result(threads):
     by the same code, so any thread count gives the same bits (a run boundary inside a sequence)."""
     lengths, heads, head_dim = [1, 63, 0, 2, 17, 40], 3, 16
     cu_seqlens = _cu_seqlens(lengths)
-    _, (q, k, v) = _fused_qkv(sum(lengths), heads, head_dim)
+    qkv = _fused_qkv(sum(lengths), heads, head_dim)
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        serial = varlen_attention_cpu(q, k, v, cu_seqlens, 63, 0.2, seed=5)
+        serial = varlen_attention_qkv_cpu(qkv, cu_seqlens, 63, 0.2, seed=5)
         torch.set_num_threads(threads)
-        parallel = varlen_attention_cpu(q, k, v, cu_seqlens, 63, 0.2, seed=5)
+        parallel = varlen_attention_qkv_cpu(qkv, cu_seqlens, 63, 0.2, seed=5)
         _check_against_float64(lengths, heads, head_dim, dropout_p=0.2)
     finally:
         torch.set_num_threads(previous)
@@ -110,24 +110,33 @@ def test_fresh_inputs_after_longer_and_shorter_calls():
         _check_against_float64(lengths, heads=2, head_dim=32, dropout_p=0.3, seed=len(lengths))
 
 
-def test_contiguous_and_other_layouts_give_the_same_result():
-    """Contiguous q, k, v and ones the op cannot read in place (head_dim strided: copied first)."""
+def test_separate_and_other_layouts_give_the_same_result():
+    """Separate q, k, v (stacked first), a contiguous qkv, and one the op cannot read in place
+    (head_dim strided: copied first); the gradients of separate q, k, v are qkv's."""
     lengths, heads, head_dim = [6, 3], 2, 16
     cu_seqlens = _cu_seqlens(lengths)
-    _, (q, k, v) = _fused_qkv(9, heads, head_dim)
-    expected = varlen_attention_cpu(q, k, v, cu_seqlens, 6, 0.0)
-    contiguous = [t.contiguous() for t in (q, k, v)]
-    torch.testing.assert_close(varlen_attention_cpu(*contiguous, cu_seqlens, 6, 0.0), expected, atol=0, rtol=0)
-    transposed = [t.detach().transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]  # head_dim stride 2
-    assert transposed[0].stride(2) != 1
-    torch.testing.assert_close(varlen_attention_cpu(*transposed, cu_seqlens, 6, 0.0), expected, **TOL)
+    qkv = _fused_qkv(9, heads, head_dim)
+    expected = varlen_attention_qkv_cpu(qkv, cu_seqlens, 6, 0.0)
+    grad_out = torch.randn_like(expected)
+    expected.backward(grad_out)
+    q, k, v = (t.detach().requires_grad_() for t in qkv.unbind(1))
+    separate = varlen_attention_cpu(q, k, v, cu_seqlens, 6, 0.0)
+    separate.backward(grad_out)
+    torch.testing.assert_close(separate, expected, atol=0, rtol=0)
+    torch.testing.assert_close(torch.stack([q.grad, k.grad, v.grad], dim=1), qkv.grad, atol=0, rtol=0)
+    torch.testing.assert_close(varlen_attention_qkv_cpu(qkv.detach().contiguous(), cu_seqlens, 6, 0.0), expected,
+                               atol=0, rtol=0)
+    strided = qkv.detach().transpose(2, 3).contiguous().transpose(2, 3)  # head_dim stride 2
+    assert strided.stride(3) != 1
+    torch.testing.assert_close(varlen_attention_qkv_cpu(strided, cu_seqlens, 6, 0.0), expected, **TOL)
 
 
 def test_dropout_keeps_one_minus_p_and_follows_torch_generator():
     lengths, heads = [64, 40, 64], 4
     cu_seqlens = _cu_seqlens(lengths)
-    q, k, v = torch.randn(3, sum(lengths), heads, 16)
-    keep = torch.ops.mtbert.varlen_attention_cpu(q, k, v, cu_seqlens, 64, 0.25, 0.3, torch.tensor(3))[2].float()
+    qkv = torch.randn(sum(lengths), 3, heads, 16)
+    q, k, v = qkv.unbind(1)
+    keep = torch.ops.mtbert.varlen_attention_cpu(qkv, cu_seqlens, 64, 0.25, 0.3, torch.tensor(3))[2].float()
     assert keep.numel() == heads * sum(L * L for L in lengths)
     assert abs(keep.mean().item() - 0.7) < 5 * (0.3 * 0.7 / keep.numel()) ** 0.5
     torch.manual_seed(0)
@@ -138,19 +147,25 @@ def test_dropout_keeps_one_minus_p_and_follows_torch_generator():
 
 
 def test_dispatcher_runs_it_on_float32_cpu_and_torch_stays_the_reference(monkeypatch):
-    """kernels.varlen_attention on float32 CPU tensors is this op; MTBERT_KERNELS=torch gives the
-    PyTorch path back, which agrees without dropout."""
+    """kernels.varlen_attention(_qkv) on float32 CPU tensors is this op; MTBERT_KERNELS=torch
+    gives the PyTorch path back, which agrees without dropout; bfloat16 keeps the PyTorch path."""
     lengths = [5, 1, 12]
     cu_seqlens = _cu_seqlens(lengths)
-    q, k, v = torch.randn(3, sum(lengths), 2, 16)
-    torch.manual_seed(1)
-    ours = kernels.varlen_attention(q, k, v, cu_seqlens, 12, 0.2, 0.5)
-    assert torch.equal(ours, varlen_attention_cpu(q, k, v, cu_seqlens, 12, 0.2, 0.5, seed=_seed_after(1)))
+    qkv = torch.randn(sum(lengths), 3, 2, 16)
+    q, k, v = qkv.unbind(1)
+    expected = varlen_attention_qkv_cpu(qkv, cu_seqlens, 12, 0.2, 0.5, seed=_seed_after(1))
+    for run in (lambda: kernels.varlen_attention_qkv(qkv, cu_seqlens, 12, 0.2, 0.5),
+                lambda: kernels.varlen_attention(q, k, v, cu_seqlens, 12, 0.2, 0.5)):
+        torch.manual_seed(1)
+        assert torch.equal(run(), expected)
+    half = [t.bfloat16() for t in (q, k, v)]
+    torch.testing.assert_close(kernels.varlen_attention(*half, cu_seqlens, 12, 0.0, 0.5),
+                               varlen_attention_torch(*half, cu_seqlens, 12, 0.0, 0.5), atol=0, rtol=0)
+    ours = varlen_attention_qkv_cpu(qkv, cu_seqlens, 12, 0.0, 0.5)
     monkeypatch.setenv("MTBERT_KERNELS", "torch")
-    torch.testing.assert_close(kernels.varlen_attention(q, k, v, cu_seqlens, 12, 0.0, 0.5),
-                               varlen_attention_cpu(q, k, v, cu_seqlens, 12, 0.0, 0.5), **TOL)
-    torch.testing.assert_close(kernels.varlen_attention(q, k, v, cu_seqlens, 12, 0.0, 0.5),
-                               varlen_attention_torch(q, k, v, cu_seqlens, 12, 0.0, 0.5), atol=0, rtol=0)
+    reference = varlen_attention_torch(q, k, v, cu_seqlens, 12, 0.0, 0.5)
+    torch.testing.assert_close(ours, reference, **TOL)
+    torch.testing.assert_close(kernels.varlen_attention_qkv(qkv, cu_seqlens, 12, 0.0, 0.5), reference, atol=0, rtol=0)
 
 
 def _seed_after(manual_seed):
@@ -161,14 +176,14 @@ def _seed_after(manual_seed):
 def test_opcheck():
     lengths = [3, 1, 5]
     cu_seqlens = _cu_seqlens(lengths)
-    q, k, v = torch.randn(3, 9, 2, 16)
+    qkv = torch.randn(9, 3, 2, 16)
     seed = torch.tensor(9)
     for p in (0.0, 0.3):
-        args = [t.clone().requires_grad_() for t in (q, k, v)]
-        torch.library.opcheck(torch.ops.mtbert.varlen_attention_cpu, (*args, cu_seqlens, 5, 0.25, p, seed))
-        out, probs, keep = torch.ops.mtbert.varlen_attention_cpu(q, k, v, cu_seqlens, 5, 0.25, p, seed)
+        torch.library.opcheck(torch.ops.mtbert.varlen_attention_cpu,
+                              (qkv.clone().requires_grad_(), cu_seqlens, 5, 0.25, p, seed))
+        out, probs, keep = torch.ops.mtbert.varlen_attention_cpu(qkv, cu_seqlens, 5, 0.25, p, seed)
         torch.library.opcheck(torch.ops.mtbert.varlen_attention_cpu_backward,
-                              (torch.randn_like(out), q, k, v, probs, keep, cu_seqlens, 5, 0.25, p))
+                              (torch.randn_like(out), qkv, probs, keep, cu_seqlens, 5, 0.25, p))
 
 
 def _arguments(**change):
@@ -191,10 +206,16 @@ def test_bad_input_names_the_argument(change, argument):
         varlen_attention_cpu(**_arguments(**change))
 
 
+@pytest.mark.parametrize("qkv", [torch.randn(8, 2, 2, 16), torch.randn(8, 3, 32), torch.randn(8, 3, 2, 16).double()])
+def test_bad_qkv_is_named(qkv):
+    with pytest.raises(ValueError, match="qkv"):
+        varlen_attention_qkv_cpu(qkv, _cu_seqlens([5, 3]), 5)
+
+
 def test_nan_input_is_refused_in_anomaly_mode():
     q = torch.randn(8, 2, 16)
     q[3, 1, 0] = float("nan")
-    with torch.autograd.set_detect_anomaly(True), pytest.raises(ValueError, match="q contains NaN"):
+    with torch.autograd.set_detect_anomaly(True), pytest.raises(ValueError, match="contains NaN"):
         varlen_attention_cpu(**_arguments(q=q))
 
 
@@ -202,12 +223,13 @@ def test_nan_input_is_refused_in_anomaly_mode():
     (dict(cu_seqlens=_cu_seqlens([5, 2])), "cu_seqlens"),  # does not end at T
     (dict(cu_seqlens=torch.tensor([0, 5, 3, 8], dtype=torch.int32)), "cu_seqlens"),  # decreasing
     (dict(max_seqlen=4), "max_seqlen"),  # a sequence of 5
-    (dict(q=torch.randn(2, 16, 8).transpose(0, 2).contiguous().transpose(0, 2)), "q"),  # token stride 1
+    (dict(qkv=torch.randn(2, 16, 3, 8).permute(3, 2, 0, 1)), "qkv"),  # token stride 1
+    (dict(qkv=torch.randn(8, 3, 2, 16).half()), "qkv"),
 ])
 def test_the_op_checks_what_the_wrapper_cannot(change, argument):
     """The C++ checks behind the wrapper: what a direct torch.ops call meets (lengths read from
     cu_seqlens' values, layouts the op cannot read in place)."""
-    args = _arguments(**change)
+    args = dict(qkv=torch.randn(8, 3, 2, 16), cu_seqlens=_cu_seqlens([5, 3]), max_seqlen=5) | change
     with pytest.raises(RuntimeError, match=argument):
-        torch.ops.mtbert.varlen_attention_cpu(args["q"], args["k"], args["v"], args["cu_seqlens"], args["max_seqlen"],
-                                              0.25, 0.1, torch.tensor(1))
+        torch.ops.mtbert.varlen_attention_cpu(args["qkv"], args["cu_seqlens"], args["max_seqlen"], 0.25, 0.1,
+                                              torch.tensor(1))

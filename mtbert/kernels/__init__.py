@@ -35,7 +35,7 @@ from ._triton import can_launch, gpu_unsupported_reason, triton_available
 from .segmented import GradientSegments
 
 __all__ = ["add_layer_norm", "dropout_add_layer_norm", "bias_gelu", "linear_bias_gelu", "linear", "embedding", "attention",
-           "varlen_attention", "GradientSegments", "use_triton", "use_cpu_kernels", "triton_available"]
+           "varlen_attention", "varlen_attention_qkv", "GradientSegments", "use_triton", "use_cpu_kernels", "triton_available"]
 
 _CHOICES = ("torch", "triton", "auto")
 
@@ -174,4 +174,14 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
         return _varlen_attention_cpu.varlen_attention_cpu(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
     return _attention.varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
                                              fused_softmax_dropout=use_cpu_kernels(q))
+
+
+def varlen_attention_qkv(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None):
+    """:func:`varlen_attention` of the fused projection qkv [T, 3, heads, head_dim] (query, key,
+    value). On the CPU in float32 the C++ op reads it in place and returns its gradient as one
+    tensor (separate q, k, v views would cost a stack of their gradients); elsewhere it is
+    ``varlen_attention(*qkv.unbind(1), ...)``."""
+    if qkv.dtype == torch.float32 and use_cpu_kernels(qkv):
+        return _varlen_attention_cpu.varlen_attention_qkv_cpu(qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+    return varlen_attention(*qkv.unbind(1), cu_seqlens, max_seqlen, dropout_p, softmax_scale)
 
