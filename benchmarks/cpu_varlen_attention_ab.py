@@ -2,9 +2,9 @@
 one process: the encoder training step on bucketed SST batches with unpadding forced, and the
 packed multitask step (``stacks.MtbertPackedStep`` as ``bench_multitask_step.py`` builds it).
 
-Both sides are the same model code with the fused CPU kernels on; only ``kernels.varlen_attention``'s
-float32 CPU branch differs: the C++ op, or ``varlen_attention_torch`` (q, k, v padded per run of
-similar lengths, matmul, fused softmax + dropout, matmul, gathered back). The order alternates
+Both sides are the same model code with the fused CPU kernels on; only ``kernels.varlen_attention_qkv``'s
+float32 CPU branch differs: the C++ op, or ``varlen_attention_torch`` on qkv's q, k, v views (padded
+per run of similar lengths, matmul, fused softmax + dropout, matmul, gathered back), the path before. The order alternates
 every pass (A B, then B A) against load drift; each side's median over passes of the process CPU
 time (and wall time) of one pass over all batches is printed, with the ratio.
 
@@ -29,12 +29,12 @@ from mtbert.kernels.attention import varlen_attention_torch  # noqa: E402
 from mtbert.kernels import varlen_attention_cpu as op_module  # noqa: E402
 from mtbert.optim import pcgrad_orders  # noqa: E402
 
-PACKED_OP = op_module.varlen_attention_cpu
+PACKED_OP = op_module.varlen_attention_qkv_cpu
 
 
-def padded_path(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None):
+def padded_path(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None):
     """The float32 CPU path before the op."""
-    return varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+    return varlen_attention_torch(*qkv.unbind(1), cu_seqlens, max_seqlen, dropout_p, softmax_scale,
                                   fused_softmax_dropout=True)
 
 
@@ -47,13 +47,13 @@ def interleave(run_pass, repeats):
     for repeat in range(repeats + 1):
         order = list(SIDES) if repeat % 2 == 0 else list(reversed(SIDES))
         for side in order:
-            op_module.varlen_attention_cpu = SIDES[side]  # what kernels.varlen_attention calls
+            op_module.varlen_attention_qkv_cpu = SIDES[side]  # what kernels.varlen_attention_qkv calls
             start_cpu, start_wall = time.process_time(), time.perf_counter()
             run_pass(side)
             if repeat:
                 cpu[side].append(time.process_time() - start_cpu)
                 wall[side].append(time.perf_counter() - start_wall)
-    op_module.varlen_attention_cpu = PACKED_OP
+    op_module.varlen_attention_qkv_cpu = PACKED_OP
     return {side: (statistics.median(cpu[side]), statistics.median(wall[side])) for side in SIDES}
 
 
