@@ -40,6 +40,11 @@
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
+// Its batched form (MKL): group_count groups of group_size products of one shape, by pointer arrays.
+extern "C" void sgemm_batch_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                             const float* alpha, const float** a, const int* lda, const float** b, const int* ldb,
+                             const float* beta, float** c, const int* ldc, const int* group_count,
+                             const int* group_size) __attribute__((weak));
 
 namespace mtbert {
 
@@ -68,33 +73,66 @@ void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, f
   }
 }
 
-// Row-major views of one (sequence, head) matrix: element (i, c) at data[i * ld + c].
-struct Rows {
+// Row-major matrices of one sequence, one per head: head h's element (i, c) at
+// data[(h - first_head) * head_step + i * ld + c].
+struct HeadRows {
   float* data;
-  int64_t ld;
+  int64_t ld, head_step, first_head;
+  const float* head(int64_t h) const { return data + (h - first_head) * head_step; }
 };
 
-// C = alpha · A Bᵀ (a_rows × b_rows, inner n), alpha · A B or alpha · Aᵀ B, all row-major. BLAS is
-// column-major: a row-major M is the column-major Mᵀ in the same memory, so C = op(A) op(B) is
-// computed as Cᵀ = op(B)ᵀ op(A)ᵀ.
-void matmul_transposed_b(Rows a, Rows b, Rows c, int64_t a_rows, int64_t b_rows, int64_t inner, float alpha) {
-  gemm(true, false, b_rows, a_rows, inner, alpha, b.data, b.ld, a.data, a.ld, c.data, c.ld);
+// The same column-major product for heads [h_begin, h_end): one batched call (sgemm's fixed cost,
+// about a microsecond, is paid once per sequence, not per head: a multitask batch of short
+// sentences has thousands of (sequence, head) pairs a layer), else one call per head.
+void gemm_heads(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha, HeadRows a,
+                HeadRows b, HeadRows c, int64_t h_begin, int64_t h_end) {
+  thread_local std::vector<const float*> a_heads, b_heads;
+  thread_local std::vector<float*> c_heads;
+  a_heads.clear(), b_heads.clear(), c_heads.clear();
+  for (int64_t h = h_begin; h < h_end; ++h) {
+    a_heads.push_back(a.head(h));
+    b_heads.push_back(b.head(h));
+    c_heads.push_back(const_cast<float*>(c.head(h)));
+  }
+  if (sgemm_batch_ == nullptr) {
+    for (size_t i = 0; i < a_heads.size(); ++i) {
+      gemm(transpose_a, transpose_b, m, n, k, alpha, a_heads[i], a.ld, b_heads[i], b.ld, c_heads[i], c.ld);
+    }
+    return;
+  }
+  const int m32 = static_cast<int>(m), n32 = static_cast<int>(n), k32 = static_cast<int>(k);
+  const int lda = static_cast<int>(a.ld), ldb = static_cast<int>(b.ld), ldc = static_cast<int>(c.ld);
+  const int groups = 1, group_size = static_cast<int>(a_heads.size());
+  const float beta = 0.0f;
+  sgemm_batch_(transpose_a ? "T" : "N", transpose_b ? "T" : "N", &m32, &n32, &k32, &alpha, a_heads.data(), &lda,
+               b_heads.data(), &ldb, &beta, c_heads.data(), &ldc, &groups, &group_size);
 }
 
-void matmul(Rows a, Rows b, Rows c, int64_t a_rows, int64_t inner, int64_t b_cols, float alpha) {
-  gemm(false, false, b_cols, a_rows, inner, alpha, b.data, b.ld, a.data, a.ld, c.data, c.ld);
+// C = alpha · A Bᵀ (a_rows × b_rows, inner n), alpha · A B or alpha · Aᵀ B, all row-major, for each
+// head of [h_begin, h_end). BLAS is column-major: a row-major M is the column-major Mᵀ in the same
+// memory, so C = op(A) op(B) is computed as Cᵀ = op(B)ᵀ op(A)ᵀ.
+void matmul_transposed_b(HeadRows a, HeadRows b, HeadRows c, int64_t a_rows, int64_t b_rows, int64_t inner, float alpha,
+                         int64_t h_begin, int64_t h_end) {
+  gemm_heads(true, false, b_rows, a_rows, inner, alpha, b, a, c, h_begin, h_end);
+}
+
+void matmul(HeadRows a, HeadRows b, HeadRows c, int64_t a_rows, int64_t inner, int64_t b_cols, float alpha,
+            int64_t h_begin, int64_t h_end) {
+  gemm_heads(false, false, b_cols, a_rows, inner, alpha, b, a, c, h_begin, h_end);
 }
 
 // A: inner × a_cols, B: inner × b_cols.
-void matmul_transposed_a(Rows a, Rows b, Rows c, int64_t a_cols, int64_t inner, int64_t b_cols, float alpha) {
-  gemm(false, true, b_cols, a_cols, inner, alpha, b.data, b.ld, a.data, a.ld, c.data, c.ld);
+void matmul_transposed_a(HeadRows a, HeadRows b, HeadRows c, int64_t a_cols, int64_t inner, int64_t b_cols,
+                         float alpha, int64_t h_begin, int64_t h_end) {
+  gemm_heads(false, true, b_cols, a_cols, inner, alpha, b, a, c, h_begin, h_end);
 }
 
-// Rows [0, L) of one block, in place: scores (already scaled) -> softmax probabilities; with dropout
-// also `dropped` = probs · keep · s (the matrix the second product reads).
+// `rows` rows of L (the [L, L] blocks of consecutive heads), in place: scores (already scaled) ->
+// softmax probabilities; with dropout also `dropped` = probs · keep · s (what the second product reads).
 MTBERT_VECTOR_CLONES
-void softmax_dropout_block(float* probs, const uint8_t* keep, float* dropped, int64_t L, DropoutSettings s) {
-  for (int64_t row = 0; row < L; ++row) {
+void softmax_dropout_blocks(float* probs, const uint8_t* keep, float* dropped, int64_t rows, int64_t L,
+                            DropoutSettings s) {
+  for (int64_t row = 0; row < rows; ++row) {
     float* p = probs + row * L;
     float high = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : high)
@@ -113,12 +151,12 @@ void softmax_dropout_block(float* probs, const uint8_t* keep, float* dropped, in
   }
 }
 
-// grad (dO Vᵀ on entry, [L, L]) -> dS = P ∘ (dP - Σ_j P dP) with dP = grad ∘ Z s; with dropout also
-// `dropped` = P ∘ Z s for dV.
+// `rows` rows of L: grad (dO Vᵀ on entry) -> dS = P ∘ (dP - Σ_j P dP) with dP = grad ∘ Z s; with
+// dropout also `dropped` = P ∘ Z s for dV.
 MTBERT_VECTOR_CLONES
-void softmax_dropout_backward_block(const float* probs, const uint8_t* keep, float* grad, float* dropped, int64_t L,
-                                    DropoutSettings s) {
-  for (int64_t row = 0; row < L; ++row) {
+void softmax_dropout_backward_blocks(const float* probs, const uint8_t* keep, float* grad, float* dropped,
+                                     int64_t rows, int64_t L, DropoutSettings s) {
+  for (int64_t row = 0; row < rows; ++row) {
     const float* p = probs + row * L;
     float* g = grad + row * L;
     if (s.active) {
@@ -164,22 +202,28 @@ Sequences sequences_of(const at::Tensor& cu_seqlens, int64_t total_tokens, int64
   return seqs;
 }
 
-// Runs work(b, h) for every (sequence, head) in parallel, one run of consecutive pairs per thread,
-// the runs cut to equal work (L² per pair, plus a fixed cost for the calls): a packed batch of
-// several tasks mixes short and long sequences, so equal counts of pairs would not balance.
+// Runs work(b, h_begin, h_end) over every (sequence, head) pair in parallel: one run of consecutive
+// pairs per thread, the runs cut to equal work (L² per pair, plus a fixed cost for the calls; a
+// packed batch of several tasks mixes short and long sequences, so equal counts of pairs would not
+// balance), each run's pairs handed over a sequence at a time (the heads it holds of it).
 template <typename Work>
-void for_each_sequence_head(const Sequences& seqs, const Work& work) {
-  const int64_t B = static_cast<int64_t>(seqs.length.size()), pairs = B * seqs.heads;
+void for_each_sequence_heads(const Sequences& seqs, const Work& work) {
+  const int64_t B = static_cast<int64_t>(seqs.length.size()), heads = seqs.heads, pairs = B * heads;
   std::vector<int64_t> cost(pairs + 1, 0);
   for (int64_t i = 0; i < pairs; ++i) {
-    const int64_t L = seqs.length[i / seqs.heads];
+    const int64_t L = seqs.length[i / heads];
     cost[i + 1] = cost[i] + L * L + 256;
   }
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), pairs));
   at::parallel_for(0, parts, 1, [&](int64_t first_part, int64_t last_part) {
     const int64_t begin = std::lower_bound(cost.begin(), cost.end(), cost[pairs] * first_part / parts) - cost.begin();
-    const int64_t end = std::lower_bound(cost.begin(), cost.end(), cost[pairs] * last_part / parts) - cost.begin();
-    for (int64_t i = begin; i < std::min(end, pairs); ++i) work(i / seqs.heads, i % seqs.heads);
+    const int64_t end = std::min<int64_t>(
+        pairs, std::lower_bound(cost.begin(), cost.end(), cost[pairs] * last_part / parts) - cost.begin());
+    for (int64_t i = begin; i < end;) {
+      const int64_t b = i / heads, h_end = std::min(end, (b + 1) * heads);
+      if (seqs.length[b] > 0) work(b, i % heads, h_end - b * heads);
+      i = h_end;
+    }
   });
 }
 
@@ -203,8 +247,15 @@ void check_packed(const at::Tensor& t, const char* name, const at::Tensor& q) {
               t.strides(), " (of each of q, k, v for qkv)");
 }
 
-Rows rows_of(const at::Tensor& t, int64_t start, int64_t head) {
-  return {t.data_ptr<float>() + start * t.stride(0) + head * t.stride(1), t.stride(0)};
+// The heads of one sequence's tokens from `start` in a [T, heads, head_dim] view.
+HeadRows rows_of(const at::Tensor& t, int64_t start) {
+  return {t.data_ptr<float>() + start * t.stride(0), t.stride(0), t.stride(1), 0};
+}
+
+// Per-thread scratch of at least n floats.
+float* scratch(std::vector<float>& buffer, int64_t n) {
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
 }
 
 void check_block_buffer(const at::Tensor& t, const char* name, int64_t numel, at::ScalarType dtype) {
@@ -232,15 +283,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_cpu(const at::Te
   float* probs_p = probs.data_ptr<float>();
   const uint8_t* keep_p = s.active ? keep.data_ptr<uint8_t>() : nullptr;
   if (s.active) fill_keep_mask(keep.data_ptr<uint8_t>(), numel, kAttentionStream, s);
-  for_each_sequence_head(seqs, [&](int64_t b, int64_t h) {
-    thread_local std::vector<float> dropped;
-    const int64_t L = seqs.length[b], start = seqs.start[b], offset = seqs.block[b] + h * L * L;
-    if (L == 0) return;
-    float* p = probs_p + offset;
-    matmul_transposed_b(rows_of(q, start, h), rows_of(k, start, h), {p, L}, L, L, head_dim, static_cast<float>(scale));
-    if (s.active && static_cast<int64_t>(dropped.size()) < L * L) dropped.resize(L * L);
-    softmax_dropout_block(p, s.active ? keep_p + offset : nullptr, dropped.data(), L, s);
-    matmul({s.active ? dropped.data() : p, L}, rows_of(v, start, h), rows_of(out, start, h), L, L, head_dim, 1.0f);
+  const float alpha = static_cast<float>(scale);
+  for_each_sequence_heads(seqs, [&](int64_t b, int64_t h_begin, int64_t h_end) {
+    thread_local std::vector<float> dropped_buffer;
+    const int64_t L = seqs.length[b], start = seqs.start[b], offset = seqs.block[b] + h_begin * L * L;
+    const int64_t rows = (h_end - h_begin) * L;
+    const HeadRows p{probs_p + seqs.block[b], L, L * L, 0};
+    float* dropped = s.active ? scratch(dropped_buffer, rows * L) : nullptr;
+    matmul_transposed_b(rows_of(q, start), rows_of(k, start), p, L, L, head_dim, alpha, h_begin, h_end);
+    softmax_dropout_blocks(probs_p + offset, s.active ? keep_p + offset : nullptr, dropped, rows, L, s);
+    const HeadRows weights = s.active ? HeadRows{dropped, L, L * L, h_begin} : p;
+    matmul(weights, rows_of(v, start), rows_of(out, start), L, L, head_dim, 1.0f, h_begin, h_end);
   });
   return {out, probs, keep};
 }
@@ -263,23 +316,24 @@ at::Tensor varlen_attention_cpu_backward(const at::Tensor& grad_out, const at::T
   const auto [grad_q, grad_k, grad_v] = unbind_qkv(grad_qkv, "grad_qkv");
   const float* probs_p = probs.data_ptr<float>();
   const uint8_t* keep_p = s.active ? keep.data_ptr<uint8_t>() : nullptr;
-  for_each_sequence_head(seqs, [&](int64_t b, int64_t h) {
-    thread_local std::vector<float> grad, dropped;
-    const int64_t L = seqs.length[b], start = seqs.start[b], offset = seqs.block[b] + h * L * L;
-    if (L == 0) return;
-    if (static_cast<int64_t>(grad.size()) < L * L) grad.resize(L * L);
-    if (s.active && static_cast<int64_t>(dropped.size()) < L * L) dropped.resize(L * L);
-    const float* p = probs_p + offset;
-    const Rows grad_out_rows = rows_of(grad_out, start, h);
-    matmul_transposed_b(grad_out_rows, rows_of(v, start, h), {grad.data(), L}, L, L, head_dim, 1.0f);  // dO Vᵀ
-    softmax_dropout_backward_block(p, s.active ? keep_p + offset : nullptr, grad.data(), dropped.data(), L, s);
-    // dV = (P ∘ Z s)ᵀ dO
-    matmul_transposed_a({s.active ? dropped.data() : const_cast<float*>(p), L}, grad_out_rows,
-                        rows_of(grad_v, start, h), L, L, head_dim, 1.0f);
-    const float alpha = static_cast<float>(scale);
-    matmul({grad.data(), L}, rows_of(k, start, h), rows_of(grad_q, start, h), L, L, head_dim, alpha);  // dS K
-    matmul_transposed_a({grad.data(), L}, rows_of(q, start, h), rows_of(grad_k, start, h), L, L, head_dim,
-                        alpha);  // dSᵀ Q
+  const float alpha = static_cast<float>(scale);
+  for_each_sequence_heads(seqs, [&](int64_t b, int64_t h_begin, int64_t h_end) {
+    thread_local std::vector<float> grad_buffer, dropped_buffer;
+    const int64_t L = seqs.length[b], start = seqs.start[b], offset = seqs.block[b] + h_begin * L * L;
+    const int64_t rows = (h_end - h_begin) * L;
+    const HeadRows p{const_cast<float*>(probs_p) + seqs.block[b], L, L * L, 0};
+    const HeadRows grad{scratch(grad_buffer, rows * L), L, L * L, h_begin};
+    float* dropped = s.active ? scratch(dropped_buffer, rows * L) : nullptr;
+    const HeadRows grad_out_rows = rows_of(grad_out, start);
+    matmul_transposed_b(grad_out_rows, rows_of(v, start), grad, L, L, head_dim, 1.0f, h_begin, h_end);  // dO Vᵀ
+    softmax_dropout_backward_blocks(probs_p + offset, s.active ? keep_p + offset : nullptr, grad.data, dropped, rows,
+                                    L, s);
+    const HeadRows weights = s.active ? HeadRows{dropped, L, L * L, h_begin} : p;
+    matmul_transposed_a(weights, grad_out_rows, rows_of(grad_v, start), L, L, head_dim, 1.0f, h_begin,
+                        h_end);                                                                     // (P ∘ Z s)ᵀ dO
+    matmul(grad, rows_of(k, start), rows_of(grad_q, start), L, L, head_dim, alpha, h_begin, h_end);  // dS K
+    matmul_transposed_a(grad, rows_of(q, start), rows_of(grad_k, start), L, L, head_dim, alpha, h_begin,
+                        h_end);  // dSᵀ Q
   });
   return grad_qkv;
 }
