@@ -4,9 +4,10 @@
 // varlen_attention_cpu_backward(grad_out, qkv, probs, keep, cu_seqlens, max_seqlen, scale, dropout_p)
 //     -> grad_qkv: [T, 3, heads, head_dim]
 //
-// Attention within each packed sequence, straight from the packed q, k, v: one (sequence, head) at a
-// time, S = q kᵀ · scale into that block of `probs` (an [L, L] matrix product), the softmax and
-// dropout row by row in place, out = (P ∘ Z / (1 - p)) v. The CPU path before it padded q, k, v to
+// Attention within each packed sequence, straight from the packed q, k, v: for each (sequence, head),
+// S = q kᵀ · scale into that pair's block of `probs` (an [L, L] matrix product), the softmax and
+// dropout row by row in place, out = (P ∘ Z / (1 - p)) v; each product is one batched BLAS call
+// for the heads of a sequence that a thread holds. The CPU path before it padded q, k, v to
 // [B, heads, max_len, head_dim] for batched matmuls and gathered the result back: zero-fills,
 // index_put_, index and transposing copies on every layer, forward and backward. q, k, v are read
 // in place from the fused projection `linear(x).view(T, 3, heads, head_dim)` (rows of head_dim
@@ -20,7 +21,7 @@
 // softmax_dropout's [B, heads, L, L] scores, so both paths draw the same mask.
 // Backward (Z the mask, s = 1 / (1 - p)):
 //     dV = (P ∘ Z s)ᵀ dO,  dP = (dO Vᵀ) ∘ Z s,  dS = P ∘ (dP - Σ_j P dP),  dQ = scale dS K,  dK = scale dSᵀ Q.
-// Every product is float32 BLAS (the sgemm of torch's MKL), every sum float32.
+// Every product is float32 BLAS (sgemm_batch of torch's MKL), every sum float32.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -82,7 +83,7 @@ struct HeadRows {
 };
 
 // The same column-major product for heads [h_begin, h_end): one batched call (sgemm's fixed cost,
-// about a microsecond, is paid once per sequence, not per head: a multitask batch of short
+// 1-2 µs, is paid once per sequence, not per head: a multitask batch of short
 // sentences has thousands of (sequence, head) pairs a layer), else one call per head.
 void gemm_heads(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha, HeadRows a,
                 HeadRows b, HeadRows c, int64_t h_begin, int64_t h_end) {
