@@ -42,6 +42,11 @@ inline DropoutSettings dropout_settings(double p, const at::Tensor& seed) {
 // index), not on how rows are split between threads.
 constexpr int64_t kBlocks = 1024, kChunk = 4 * kBlocks;
 
+// The stream of attention's masks, shared by softmax_dropout (over padded [B, heads, L, L] scores) and
+// varlen_attention_cpu (over each packed (sequence, head)'s [L, L] block, b-major): a batch of equal
+// lengths gets the same mask on the padded and the unpadded path.
+constexpr uint32_t kAttentionStream = 2;
+
 // keep[e] for every element e of a tensor of `numel` elements (keep: numel bytes), chunks in parallel.
 // `stream` tells the ops apart: the same seed in two ops draws different masks.
 void fill_keep_mask(uint8_t* keep, int64_t numel, uint32_t stream, const DropoutSettings& s);

@@ -1,8 +1,9 @@
 // Eight-lane float32 / float64 vectors for the gradient-surgery kernels (gradient_gram.cpp,
 // gradient_combine.cpp), written with the GCC / Clang vector extensions: each MTBERT_VECTOR_CLONES
 // clone lowers the same source to its own registers (one zmm, two ymm or four xmm per vector); and
-// the float32 / bfloat16 element access of the fused dropout kernels.
+// the float32 / bfloat16 element access of the fused dropout kernels and the exp of their softmaxes.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -92,6 +93,29 @@ MTBERT_ALWAYS_INLINE void store_float(c10::BFloat16* p, int64_t i, float v) {
   std::memcpy(&bits, &v, sizeof bits);
   const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
   p[i].x = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);  // v != v: NaN
+}
+
+// exp(x) for the x <= 0 of a softmax (scores minus their maximum), in a form GCC vectorizes (std::exp
+// does not vectorize without -ffast-math): Cephes' expf, x = n ln 2 + r with |r| <= ln 2 / 2 and a
+// degree-6 polynomial in r, within 2 ulp of exp. Below the smallest normal float's logarithm the
+// result is 0, as a masked key's (mask_bias = the most negative float) must be.
+MTBERT_ALWAYS_INLINE float exp_nonpositive(float x) {
+  constexpr float kLog2e = 1.44269504088896341f, kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const float clamped = std::max(x, -87.0f);
+  const float n = (clamped * kLog2e + kRound) - kRound;
+  const float r = clamped - n * kLn2High - n * kLn2Low;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  float two_to_n;
+  std::memcpy(&two_to_n, &bits, sizeof two_to_n);
+  return x < -87.0f ? 0.0f : p * two_to_n;
 }
 
 inline void streaming_stores_done() {

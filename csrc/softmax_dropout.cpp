@@ -28,31 +28,6 @@ namespace mtbert {
 
 namespace {
 
-constexpr uint32_t kSoftmaxStream = 2;
-
-// exp(x) for the x <= 0 of a softmax (scores minus their maximum), in a form GCC vectorizes (std::exp
-// does not vectorize without -ffast-math): Cephes' expf, x = n ln 2 + r with |r| <= ln 2 / 2 and a
-// degree-6 polynomial in r, within 2 ulp of exp. Below the smallest normal float's logarithm the
-// result is 0, as a masked key's (mask_bias = the most negative float) must be.
-MTBERT_ALWAYS_INLINE float exp_nonpositive(float x) {
-  constexpr float kLog2e = 1.44269504088896341f, kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const float clamped = std::max(x, -87.0f);
-  const float n = (clamped * kLog2e + kRound) - kRound;
-  const float r = clamped - n * kLn2High - n * kLn2Low;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
-  float two_to_n;
-  std::memcpy(&two_to_n, &bits, sizeof two_to_n);
-  return x < -87.0f ? 0.0f : p * two_to_n;
-}
-
 // `e` [L]: float32 scratch for one row's exponentials (the bfloat16 probs cannot hold them unrounded).
 template <typename T>
 MTBERT_ALWAYS_INLINE void softmax_dropout_rows_of(const T* scores, const float* mask_bias, T* out, T* probs,
@@ -175,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_dropout_cpu(const at::Ten
   const int64_t rows = scores.numel() / L, rows_per_sequence = scores.size(1) * scores.size(2);
   const float* bias_p = mask_bias.data_ptr<float>();
   uint8_t* keep_p = s.active ? keep.data_ptr<uint8_t>() : nullptr;
-  if (s.active) fill_keep_mask(keep_p, scores.numel(), kSoftmaxStream, s);
+  if (s.active) fill_keep_mask(keep_p, scores.numel(), kAttentionStream, s);
   const auto run = [&](auto* s_p, auto* out_p, auto* probs_p) {
     at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
       std::vector<float> e(L);

@@ -120,9 +120,9 @@ class BertSelfAttention(nn.Module):
 
     def _forward_packed(self, x, packed: PackedSequences):
         T, H = x.shape
-        q, k, v = kernels.linear(x, self.qkv_weight, self.qkv_bias).view(T, 3, self.num_heads, self.head_dim).unbind(1)
-        context = kernels.varlen_attention(
-            q, k, v, packed.cu_seqlens, packed.max_seqlen,
+        qkv = kernels.linear(x, self.qkv_weight, self.qkv_bias).view(T, 3, self.num_heads, self.head_dim)
+        context = kernels.varlen_attention_qkv(
+            qkv, packed.cu_seqlens, packed.max_seqlen,
             dropout_p=self._dropout_p(), softmax_scale=1.0 / math.sqrt(self.head_dim),
         )  # (T, heads, head_dim)
         return context.reshape(T, H)

@@ -5,7 +5,8 @@ else: the Triton kernels on CUDA tensors when Triton is installed, the PyTorch p
 (and for bfloat16 on GPUs older than compute capability 8.0, which the kernels cannot serve).
 On the CPU, in float32 and in bfloat16 (CPU autocast: float32 weights, bfloat16 matmul outputs), the
 ops with dropout run the fused C++ kernels of the extension (``dropout_add_layer_norm``,
-``attention``'s softmax and dropout) when it is built.
+``attention``'s softmax and dropout) when it is built, and in float32 ``varlen_attention`` runs
+the extension's packed CPU attention (``varlen_attention_cpu``).
 The environment variable ``MTBERT_KERNELS`` (read at each call) forces one: ``torch`` always runs
 PyTorch (and ``F.dropout``, whose random stream Hugging Face's models share); ``triton`` always runs Triton, which on CPU tensors needs ``TRITON_INTERPRET=1`` set
 before mtbert is imported (Triton's interpreter, how the tests run the kernels without a GPU).
@@ -28,12 +29,13 @@ from . import bias_gelu as _bias_gelu
 from . import dropout_add_layer_norm as _dropout_add_layer_norm
 from . import layer_norm as _layer_norm
 from . import softmax_dropout as _softmax_dropout
+from . import varlen_attention_cpu as _varlen_attention_cpu
 from . import segmented as _segmented
 from ._triton import can_launch, gpu_unsupported_reason, triton_available
 from .segmented import GradientSegments
 
 __all__ = ["add_layer_norm", "dropout_add_layer_norm", "bias_gelu", "linear_bias_gelu", "linear", "embedding", "attention",
-           "varlen_attention", "GradientSegments", "use_triton", "use_cpu_kernels", "triton_available"]
+           "varlen_attention", "varlen_attention_qkv", "GradientSegments", "use_triton", "use_cpu_kernels", "triton_available"]
 
 _CHOICES = ("torch", "triton", "auto")
 
@@ -163,10 +165,23 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
     """Self-attention within each of B packed sequences. q, k, v: [T, heads, head_dim];
     cu_seqlens: [B + 1] int32 token offsets; max_seqlen: an int >= every length. Dropout with
     probability ``dropout_p`` applies to the attention probabilities (pass 0 in eval mode).
-    Returns [T, heads, head_dim]."""
+    Returns [T, heads, head_dim]. On the CPU in float32 with the extension, the C++ op reads the
+    packed q, k, v in place; elsewhere (and under CPU autocast) PyTorch pads them for batched matmuls."""
     if use_triton(q):  # the kernels read [T, heads, head_dim] rows densely
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         return _attention.varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+    if q.dtype == torch.float32 and use_cpu_kernels(q):
+        return _varlen_attention_cpu.varlen_attention_cpu(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
     return _attention.varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
                                              fused_softmax_dropout=use_cpu_kernels(q))
+
+
+def varlen_attention_qkv(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None):
+    """:func:`varlen_attention` of the fused projection qkv [T, 3, heads, head_dim] (query, key,
+    value). On the CPU in float32 the C++ op reads it in place and returns its gradient as one
+    tensor (separate q, k, v views would cost a stack of their gradients); elsewhere it is
+    ``varlen_attention(*qkv.unbind(1), ...)``."""
+    if qkv.dtype == torch.float32 and use_cpu_kernels(qkv):
+        return _varlen_attention_cpu.varlen_attention_qkv_cpu(qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+    return varlen_attention(*qkv.unbind(1), cu_seqlens, max_seqlen, dropout_p, softmax_scale)
 

@@ -349,7 +349,9 @@ def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, soft
 
 def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
                            fused_softmax_dropout=False):
-    """Packed attention in PyTorch, the CPU path: the packed q, k, v are padded to [B, max_seqlen]
+    """Packed attention in PyTorch, the CPU path under autocast (and everywhere with
+    ``MTBERT_KERNELS=torch`` or without the extension; float32 runs the C++ op of
+    :mod:`varlen_attention_cpu`): the packed q, k, v are padded to [B, max_seqlen]
     for attention only, and the real rows gathered back. On 2 CPU cores (MiniLM shapes, see
     benchmarks/README.md) this was as fast as one SDPA call per length bucket on a quiet machine
     and faster in the whole training step; SDPA on nested tensors was several times slower.
