@@ -21,14 +21,19 @@
 // softmax_dropout's [B, heads, L, L] scores, so both paths draw the same mask.
 // Backward (Z the mask, s = 1 / (1 - p)):
 //     dV = (P ∘ Z s)ᵀ dO,  dP = (dO Vᵀ) ∘ Z s,  dS = P ∘ (dP - Σ_j P dP),  dQ = scale dS K,  dK = scale dSᵀ Q.
-// Every product is float32 BLAS (sgemm_batch of torch's MKL), every sum float32.
+// Every product is float32 BLAS (sgemm_batch of torch's MKL), every sum float32. Where torch's library
+// exports no BLAS, plain loops stand in; MTBERT_CPU_ATTENTION_BLAS=0 forces them (read at each call:
+// the tests run that path on every machine).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -51,11 +56,20 @@ namespace mtbert {
 
 namespace {
 
+// Whether this call's products go to BLAS: set at each op's entry (see the header comment).
+std::atomic<bool> g_use_blas{true};
+
+void choose_blas() {
+  const char* setting = std::getenv("MTBERT_CPU_ATTENTION_BLAS");
+  g_use_blas.store(sgemm_ != nullptr && sgemm_batch_ != nullptr && !(setting && std::strcmp(setting, "0") == 0),
+                   std::memory_order_relaxed);
+}
+
 // Column-major C (m × n) = alpha · op(A) op(B), op transposing where asked; single-threaded (called
 // inside the parallel loop: MKL runs sequentially inside an OpenMP parallel region).
 void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
           int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc) {
-  if (sgemm_ != nullptr) {
+  if (g_use_blas.load(std::memory_order_relaxed)) {
     const int m32 = static_cast<int>(m), n32 = static_cast<int>(n), k32 = static_cast<int>(k);
     const int lda32 = static_cast<int>(lda), ldb32 = static_cast<int>(ldb), ldc32 = static_cast<int>(ldc);
     const float beta = 0.0f;
@@ -95,7 +109,7 @@ void gemm_heads(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_
     b_heads.push_back(b.head(h));
     c_heads.push_back(const_cast<float*>(c.head(h)));
   }
-  if (sgemm_batch_ == nullptr) {
+  if (!g_use_blas.load(std::memory_order_relaxed)) {
     for (size_t i = 0; i < a_heads.size(); ++i) {
       gemm(transpose_a, transpose_b, m, n, k, alpha, a_heads[i], a.ld, b_heads[i], b.ld, c_heads[i], c.ld);
     }
@@ -274,6 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_cpu(const at::Te
   const auto [q, k, v] = unbind_qkv(qkv, "qkv");
   check_packed(q, "qkv", q);
   TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  choose_blas();
   const DropoutSettings s = dropout_settings(dropout_p, seed);
   const int64_t T = q.size(0), heads = q.size(1), head_dim = q.size(2);
   const Sequences seqs = sequences_of(cu_seqlens, T, max_seqlen, heads);
@@ -306,6 +321,7 @@ at::Tensor varlen_attention_cpu_backward(const at::Tensor& grad_out, const at::T
   check_packed(q, "qkv", q);
   check_packed(grad_out, "grad_out", q);
   TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  choose_blas();
   // Only the scale and whether a mask applies are read here: the mask itself is `keep`.
   const DropoutSettings s = dropout_settings(dropout_p, at::zeros({}, at::kLong));
   const int64_t T = q.size(0), heads = q.size(1), head_dim = q.size(2);

@@ -66,6 +66,14 @@ def test_matches_float64_with_its_own_mask(lengths, head_dim, dropout_p):
     _check_against_float64(lengths, heads=3, head_dim=head_dim, dropout_p=dropout_p)
 
 
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_plain_loops_without_blas_match_float64(monkeypatch, dropout_p):
+    """The products' stand-in for a torch whose library exports no BLAS (forced here by
+    MTBERT_CPU_ATTENTION_BLAS=0), on lengths 1 to 63 and an empty sequence."""
+    monkeypatch.setenv("MTBERT_CPU_ATTENTION_BLAS", "0")
+    _check_against_float64([1, 63, 0, 2, 17], heads=3, head_dim=16, dropout_p=dropout_p)
+
 def test_long_sequences_and_a_custom_scale():
     _check_against_float64([300, 129], heads=2, head_dim=32, dropout_p=0.1, scale=0.3)
 
