@@ -31,7 +31,7 @@ build: $(PY)
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The main job: fine-tune all-MiniLM-L6-v2 on SST-5, Quora and STS-B at once (about 12 minutes on
+# The main job: fine-tune all-MiniLM-L6-v2 on SST-5, Quora and STS-B at once (about 7 minutes on
 # a 2-core CPU) and print the dev table. Data: $(MTBERT_DATA), else ./data, else ../shared/data;
 # without the CS224N files it runs on a small synthetic sanity set, labelled as such.
 # STS loss cosine-MSE, not CoSENT: CoSENT's encoder gradient is 30-60x the other tasks' and starves
