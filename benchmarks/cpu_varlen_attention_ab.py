@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_encoder import MODEL, draw_sst_batches, make_mtbert, training_step  # noqa: E402
+from bench_encoder import draw_sst_batches, make_mtbert, training_step  # noqa: E402
 from bench_multitask_step import build_model, draw_step_batches  # noqa: E402
+from conftest import MINILM  # noqa: E402
 from stacks import TASKS, MtbertPackedStep, PhaseTimer  # noqa: E402
 
 from mtbert import Tokenizer  # noqa: E402
@@ -77,9 +78,8 @@ def main():
     print(f"{args.threads} thread(s), {args.repeats} interleaved passes, load average {os.getloadavg()[0]:.1f}")
     if args.only != "multitask":
         batches = draw_sst_batches("bucketed", args.batches)
-        models = {side: make_mtbert("mtbert", "fp32").train() for side in SIDES}
-        for model in models.values():
-            model.unpad = True  # bucketed batches have little padding: "auto" would run them padded
+        # impl "mtbert": unpad=True (bucketed batches have little padding: "auto" would run them padded)
+        models = {side: make_mtbert(MINILM, "mtbert", "fp32").train() for side in SIDES}
 
         def encoder_pass(side):
             for batch in batches:
@@ -88,7 +88,7 @@ def main():
         report(f"encoder step, {args.batches} bucketed batches of 32 SST sentences, unpadded, per pass",
                interleave(encoder_pass, args.repeats))
     if args.only != "encoder":
-        step_batches = draw_step_batches("bucketed", args.steps, Tokenizer.from_pretrained(MODEL))
+        step_batches = draw_step_batches("bucketed", args.steps, Tokenizer.from_pretrained(MINILM))
         orders = pcgrad_orders(len(TASKS), torch.Generator().manual_seed(0))
         steps = {side: MtbertPackedStep(build_model("mtbert packed"), orders) for side in SIDES}
 

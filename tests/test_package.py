@@ -105,3 +105,12 @@ def test_missing_huggingface_hub_is_a_model_not_found_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails with ImportError
     with pytest.raises(MissingFileError, match="huggingface_hub is not installed"):
         resolve_model_dir("some-org/some-bert")
+
+
+def test_the_attention_ab_script_imports_the_suites_it_reuses():
+    """benchmarks/cpu_varlen_attention_ab.py imports bench_encoder's and bench_multitask_step's
+    helpers by name: --help (parsed after the imports) fails when a renamed helper breaks it."""
+    script = REPO / "benchmarks" / "cpu_varlen_attention_ab.py"
+    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--repeats" in result.stdout

@@ -161,6 +161,12 @@ def linear_bias_gelu(x, weight, bias):
     return bias_gelu(linear(x, weight), bias)
 
 
+
+def _use_packed_cpu_attention(tensor) -> bool:
+    """Whether packed attention runs the extension's C++ op: the fused CPU kernels on, float32 (under
+    CPU autocast, bfloat16, the PyTorch path runs)."""
+    return tensor.dtype == torch.float32 and use_cpu_kernels(tensor)
+
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None):
     """Self-attention within each of B packed sequences. q, k, v: [T, heads, head_dim];
     cu_seqlens: [B + 1] int32 token offsets; max_seqlen: an int >= every length. Dropout with
@@ -170,7 +176,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
     if use_triton(q):  # the kernels read [T, heads, head_dim] rows densely
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         return _attention.varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
-    if q.dtype == torch.float32 and use_cpu_kernels(q):
+    if _use_packed_cpu_attention(q):
         return _varlen_attention_cpu.varlen_attention_cpu(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
     return _attention.varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
                                              fused_softmax_dropout=use_cpu_kernels(q))
@@ -181,7 +187,6 @@ def varlen_attention_qkv(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
     value). On the CPU in float32 the C++ op reads it in place and returns its gradient as one
     tensor (separate q, k, v views would cost a stack of their gradients); elsewhere it is
     ``varlen_attention(*qkv.unbind(1), ...)``."""
-    if qkv.dtype == torch.float32 and use_cpu_kernels(qkv):
+    if _use_packed_cpu_attention(qkv):
         return _varlen_attention_cpu.varlen_attention_qkv_cpu(qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
     return varlen_attention(*qkv.unbind(1), cu_seqlens, max_seqlen, dropout_p, softmax_scale)
-
